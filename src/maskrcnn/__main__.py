@@ -1,0 +1,5 @@
+import sys
+
+from maskrcnn.cli import main
+
+sys.exit(main())

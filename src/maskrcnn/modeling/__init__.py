@@ -1,0 +1,1 @@
+"""Model building blocks: backbones, FPN, RPN, RoI heads and the detector that joins them."""

@@ -1,0 +1,57 @@
+"""Run code in the reference environment (torch 2.14.1 + torchvision 0.29.1, its own interpreter).
+
+torchvision's wheels do not load against the CPU-only torch this package is tested with, so the
+parity tests hand their inputs to a subprocess: ``run_reference(script, inputs)`` saves ``inputs``
+(a dict of tensors and plain values) with ``torch.save``, runs ``script`` in the reference
+interpreter with ``inputs`` bound to that dict, and returns the dict the script stores in
+``outputs``. Create the environment with ``bash scripts/make_reference_env.sh``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+_PRELUDE = """
+import sys, torch
+torch.set_num_threads(int(sys.argv[3]))
+inputs = torch.load(sys.argv[1], weights_only=False)
+outputs = {}
+"""
+_EPILOGUE = """
+torch.save(outputs, sys.argv[2])
+"""
+
+
+def reference_python() -> Path | None:
+    """The reference interpreter, or None if the environment was not created."""
+    env = Path(os.environ.get("MASKRCNN_REFENV", REPO / ".refenv"))
+    py = env / "bin" / "python"
+    return py if py.exists() else None
+
+
+def run_reference(script: str, inputs: dict, *, timeout: float = 900, threads: int = 2) -> dict:
+    py = reference_python()
+    if py is None:
+        raise RuntimeError("reference environment not found; run `bash scripts/make_reference_env.sh`")
+    with tempfile.TemporaryDirectory(prefix="maskrcnn-ref-") as tmp:
+        src, inp, out = Path(tmp, "script.py"), Path(tmp, "in.pt"), Path(tmp, "out.pt")
+        src.write_text(_PRELUDE + textwrap.dedent(script) + _EPILOGUE)
+        torch.save(inputs, inp)
+        proc = subprocess.run([str(py), str(src), str(inp), str(out), str(threads)], capture_output=True,
+                              text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": ""})
+        if proc.returncode != 0:
+            raise RuntimeError(f"reference script failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        return torch.load(out, weights_only=False)
+
+
+if __name__ == "__main__":  # a quick check that the environment works
+    print(run_reference("import torchvision; outputs['v'] = torchvision.__version__", {}), file=sys.stderr)
