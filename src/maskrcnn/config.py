@@ -1,0 +1,419 @@
+"""Typed configuration: nested dataclasses, presets as plain functions, YAML in and out.
+
+Every field has a type and a default; loading a dict/YAML or applying ``key=value`` overrides
+checks each key and value against them, so a typo or a wrong type fails at load time with the
+dotted name of the key (and a suggestion), never later inside the model.
+
+``get_config(name)`` returns a preset (see :data:`PRESETS`) or loads a YAML file. A YAML file may
+start from a preset or another file with ``_base_: <preset or path>`` and list only what differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+NORMS = ("", "FrozenBN", "BN", "SyncBN", "GN")
+
+
+def _choice(default: Any, choices: tuple, doc: str = "") -> Any:
+    return field(default=default, metadata={"choices": choices, "doc": doc})
+
+
+@dataclass
+class InputConfig:
+    """What the network sees. Users always pass RGB images, float 0-1 or uint8 0-255."""
+
+    channel_order: str = _choice("RGB", ("RGB", "BGR"), "channel order the first conv expects")
+    pixel_scale: float = 1.0  # 1.0: pixels in 0-1 (torchvision weights); 255.0: 0-255 (detectron2 weights)
+    pixel_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # in pixel_scale units, network order
+    pixel_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    min_size_train: tuple[int, ...] = (800,)  # shortest side; one drawn per image (multi-scale training)
+    max_size_train: int = 1333
+    min_size_test: int = 800
+    max_size_test: int = 1333
+    size_divisibility: int = 32
+    resize_style: str = _choice("torchvision", ("torchvision", "detectron2"), "size rounding and filter of the resize")
+
+
+@dataclass
+class BackboneConfig:
+    depth: int = _choice(50, (18, 34, 50, 101, 152), "ResNet depth")
+    groups: int = 1  # ResNeXt cardinality (32 for X-101-32x8d)
+    width_per_group: int = 64  # ResNeXt bottleneck width per group (8 for X-101-32x8d)
+    norm: str = _choice("FrozenBN", NORMS, "normalisation in the trunk")
+    norm_eps: float = 1e-5  # 0.0 for torchvision's v1 COCO weights
+    stride_in_1x1: bool = False  # True for MSRA/detectron2 weights, False for torchvision's ImageNet weights
+    freeze_at: int = 2  # 0: train all; 1: freeze the stem; k >= 2: stem and res2..res{k}
+    weights: str = ""  # optional torchvision ImageNet classification checkpoint to initialise the trunk
+
+
+@dataclass
+class FPNConfig:
+    out_channels: int = 256
+    norm: str = _choice("", NORMS, "normalisation in lateral/output convs")
+    norm_eps: float = 1e-5
+
+
+@dataclass
+class AnchorConfig:
+    sizes: tuple[tuple[float, ...], ...] = ((32,), (64,), (128,), (256,), (512,))  # per level
+    aspect_ratios: tuple[tuple[float, ...], ...] = ((0.5, 1.0, 2.0),)  # height/width; one tuple = all levels
+    style: str = _choice("detectron2", ("torchvision", "detectron2"), "see maskrcnn.modeling.anchors")
+    offset: float = 0.0
+
+
+@dataclass
+class RPNConfig:
+    num_convs: int = 1
+    fg_iou_thresh: float = 0.7
+    bg_iou_thresh: float = 0.3
+    batch_size_per_image: int = 256
+    positive_fraction: float = 0.5
+    pre_nms_topk_train: int = 2000  # per FPN level
+    pre_nms_topk_test: int = 1000
+    post_nms_topk_train: int = 1000  # per image
+    post_nms_topk_test: int = 1000
+    nms_thresh: float = 0.7
+    min_size: float = 0.0  # proposals must be wider and taller than this
+    score_thresh: float = 0.0
+    nms_on_probability: bool = False
+    bbox_reg_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
+    smooth_l1_beta: float = 0.0
+    loss_normalizer: str = _choice("batch", ("batch", "sampled"), "divide losses by batch_size*images or by #sampled")
+    objectness_loss_weight: float = 1.0
+    box_loss_weight: float = 1.0
+
+
+@dataclass
+class ROIHeadsConfig:
+    num_classes: int = 80  # foreground classes
+    fg_iou_thresh: float = 0.5
+    bg_iou_thresh: float = 0.5
+    batch_size_per_image: int = 512
+    positive_fraction: float = 0.25
+    append_gt: bool = True
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    detections_per_image: int = 100
+    min_size: float = 0.0  # detections narrower or shorter than this are dropped (< 0: keep all)
+    pooler_canonical_scale: float = 224.0  # FPN level assignment, Eqn. 1 of the FPN paper
+    pooler_canonical_level: int = 4
+    pooler_level_eps: float = 0.0  # torchvision: 1e-6 added to the level
+    pooler_level_log_eps: float = 1e-8  # detectron2: 1e-8 added inside the log
+
+
+@dataclass
+class BoxHeadConfig:
+    pooler_resolution: int = 7
+    pooler_sampling_ratio: int = 0  # <= 0: adaptive
+    pooler_aligned: bool = True
+    pooler_type: str = _choice("ROIAlign", ("ROIAlign", "ROIPool"), "RoI feature extractor")
+    num_conv: int = 0
+    conv_dim: int = 256
+    num_fc: int = 2
+    fc_dim: int = 1024
+    norm: str = _choice("", NORMS, "normalisation in the head's convs")
+    class_agnostic: bool = False
+    bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
+    smooth_l1_beta: float = 0.0
+
+
+@dataclass
+class MaskHeadConfig:
+    pooler_resolution: int = 14
+    pooler_sampling_ratio: int = 0
+    pooler_aligned: bool = True
+    pooler_type: str = _choice("ROIAlign", ("ROIAlign", "ROIPool"), "RoI feature extractor")
+    num_conv: int = 4
+    conv_dim: int = 256
+    norm: str = _choice("", NORMS, "normalisation in the head's convs")
+    class_agnostic: bool = False
+    target_aligned: bool = True  # how bitmap ground truth is cropped into 28x28 targets
+    target_sampling_ratio: int = 0
+    target_binarize: bool = True
+    paste_style: str = _choice("detectron2", ("torchvision", "detectron2"), "how masks are pasted into the image")
+    mask_threshold: float = 0.5  # output masks are mask_prob >= threshold; < 0 returns probabilities
+
+
+@dataclass
+class ModelConfig:
+    architecture: str = _choice("FPN", ("FPN", "C4"), "FPN (P2-P6) or the paper's res4/res5 C4 model")
+    mask_on: bool = True
+    input: InputConfig = field(default_factory=InputConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    fpn: FPNConfig = field(default_factory=FPNConfig)
+    anchors: AnchorConfig = field(default_factory=AnchorConfig)
+    rpn: RPNConfig = field(default_factory=RPNConfig)
+    roi_heads: ROIHeadsConfig = field(default_factory=ROIHeadsConfig)
+    box_head: BoxHeadConfig = field(default_factory=BoxHeadConfig)
+    mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def to_dict(self) -> dict:
+        return _to_plain(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
+
+
+class ConfigError(ValueError):
+    """A config key or value that does not fit the schema."""
+
+
+# -- conversion ------------------------------------------------------------------------------------
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return _from_dict(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for alt in typing.get_args(tp):
+            if alt is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, alt, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[-1] if errors else f"config key '{key}': bad value {value!r}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"config key '{key}' must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"config key '{key}': unsupported type {tp}")
+
+
+def _check_choice(f: dataclasses.Field, value: Any, key: str) -> None:
+    choices = f.metadata.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"config key '{key}' must be one of {list(choices)}, got {value!r}")
+
+
+def _from_dict(cls: type, data: dict, prefix: str = "", base: Any = None) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    obj = base if base is not None else cls()
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in fields:
+            close = difflib.get_close_matches(str(k), list(fields), n=1)
+            hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{key}'{hint}; valid keys here: {sorted(fields)}")
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp) and isinstance(v, dict):
+            value = _from_dict(tp, v, key, base=getattr(obj, k))
+        else:
+            value = _coerce(v, tp, key)
+        _check_choice(fields[k], value, key)
+        setattr(obj, k, value)
+    return obj
+
+
+def merge(cfg: Config, data: dict) -> Config:
+    """A copy of ``cfg`` with the (nested) values of ``data`` applied, each checked."""
+    import copy
+
+    return _from_dict(Config, data, "", base=copy.deepcopy(cfg))
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``["model.roi_heads.score_thresh=0.3", ...]`` (values parsed as YAML)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like dotted.key=value")
+        key, raw = item.split("=", 1)
+        nested: dict = {}
+        cur = nested
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            cur = cur.setdefault(p, {})
+        cur[parts[-1]] = yaml.safe_load(raw)
+        cfg = merge(cfg, nested)
+    return cfg
+
+
+def load_yaml(path: str | Path) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must hold a mapping at the top level")
+    base_name = data.pop("_base_", None)
+    if base_name is None:
+        base = Config()
+    elif str(base_name) in PRESETS:
+        base = PRESETS[str(base_name)]()
+    else:
+        base = load_yaml((path.parent / str(base_name)) if not Path(str(base_name)).is_absolute() else base_name)
+    try:
+        return merge(base, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+# -- presets ---------------------------------------------------------------------------------------
+def mask_rcnn_R_50_FPN() -> Config:
+    """The paper's ResNet-50-FPN Mask R-CNN with detectron2's training recipe (RoIAlignV2,
+    adaptive sampling, L1 box losses), on the torchvision input convention so that torchvision's
+    ImageNet ResNet weights initialise the trunk (stride in the 3x3 conv, RGB 0-1)."""
+    return Config()
+
+
+def mask_rcnn_R_101_FPN() -> Config:
+    cfg = Config()
+    cfg.model.backbone.depth = 101
+    return cfg
+
+
+def mask_rcnn_X_101_32x8d_FPN() -> Config:
+    cfg = Config()
+    cfg.model.backbone.depth = 101
+    cfg.model.backbone.groups = 32
+    cfg.model.backbone.width_per_group = 8
+    return cfg
+
+
+def mask_rcnn_R_50_C4() -> Config:
+    """The paper's ResNet-50-C4: RPN and RoI pooling on res4 (stride 16), res5 as the box head."""
+    cfg = Config()
+    m = cfg.model
+    m.architecture = "C4"
+    m.anchors.sizes = ((32, 64, 128, 256, 512),)
+    m.rpn.pre_nms_topk_train = 12000  # one level holds all anchors, hence detectron2's larger C4 budgets
+    m.rpn.pre_nms_topk_test = 6000
+    m.rpn.post_nms_topk_train = 2000
+    m.roi_heads.batch_size_per_image = 512
+    m.box_head.pooler_resolution = 14
+    m.mask_head.num_conv = 0
+    return cfg
+
+
+def faster_rcnn_R_50_FPN() -> Config:
+    cfg = Config()
+    cfg.model.mask_on = False
+    return cfg
+
+
+def torchvision_maskrcnn_resnet50_fpn() -> Config:
+    """Exactly ``torchvision.models.detection.maskrcnn_resnet50_fpn`` (91 COCO category slots).
+
+    Its COCO weights were trained with frozen BN eps 0: set ``model.backbone.norm_eps=0`` for them
+    (``maskrcnn.interop.torchvision`` does when it converts those weights).
+    """
+    cfg = Config()
+    m = cfg.model
+    m.input.resize_style = "torchvision"
+    m.backbone.stride_in_1x1 = False
+    m.anchors.style = "torchvision"
+    m.rpn = RPNConfig(post_nms_topk_train=2000, min_size=1e-3, nms_on_probability=True, smooth_l1_beta=1 / 9,
+                      loss_normalizer="sampled")
+    m.roi_heads.num_classes = 90
+    m.roi_heads.min_size = 1e-2
+    m.roi_heads.pooler_level_eps = 1e-6
+    m.roi_heads.pooler_level_log_eps = 0.0
+    m.box_head.pooler_sampling_ratio = 2
+    m.box_head.pooler_aligned = False
+    m.box_head.smooth_l1_beta = 1 / 9
+    m.mask_head.pooler_sampling_ratio = 2
+    m.mask_head.pooler_aligned = False
+    m.mask_head.target_aligned = False
+    m.mask_head.target_sampling_ratio = -1
+    m.mask_head.target_binarize = False
+    m.mask_head.paste_style = "torchvision"
+    return cfg
+
+
+def torchvision_maskrcnn_resnet50_fpn_v2() -> Config:
+    """Exactly ``maskrcnn_resnet50_fpn_v2`` (Li et al. 2021 recipe): BN in the FPN and heads, a
+    two-conv RPN head, a 4conv-1fc box head."""
+    cfg = torchvision_maskrcnn_resnet50_fpn()
+    m = cfg.model
+    m.fpn.norm = "BN"
+    m.rpn.num_convs = 2
+    m.box_head.num_conv = 4
+    m.box_head.num_fc = 1
+    m.box_head.norm = "BN"
+    m.mask_head.norm = "BN"
+    return cfg
+
+
+def torchvision_fasterrcnn_resnet50_fpn() -> Config:
+    cfg = torchvision_maskrcnn_resnet50_fpn()
+    cfg.model.mask_on = False
+    return cfg
+
+
+def torchvision_fasterrcnn_resnet50_fpn_v2() -> Config:
+    cfg = torchvision_maskrcnn_resnet50_fpn_v2()
+    cfg.model.mask_on = False
+    return cfg
+
+
+PRESETS = {
+    f.__name__: f
+    for f in (mask_rcnn_R_50_FPN, mask_rcnn_R_101_FPN, mask_rcnn_X_101_32x8d_FPN, mask_rcnn_R_50_C4,
+              faster_rcnn_R_50_FPN, torchvision_maskrcnn_resnet50_fpn, torchvision_maskrcnn_resnet50_fpn_v2,
+              torchvision_fasterrcnn_resnet50_fpn, torchvision_fasterrcnn_resnet50_fpn_v2)
+}
+
+
+def get_config(name: str, overrides: list[str] | None = None) -> Config:
+    """A preset by name (``list(PRESETS)``) or a YAML file path, with optional ``key=value`` overrides."""
+    if name in PRESETS:
+        cfg = PRESETS[name]()
+    elif name.endswith((".yaml", ".yml")) or Path(name).is_file():
+        cfg = load_yaml(name)
+    else:
+        close = difflib.get_close_matches(name, list(PRESETS), n=3)
+        raise ConfigError(f"unknown config {name!r}: not a preset or a YAML file"
+                          + (f"; did you mean {close}?" if close else f"; presets: {sorted(PRESETS)}"))
+    return apply_overrides(cfg, overrides or [])

@@ -1,0 +1,1 @@
+"""Checkpoint converters for the model zoos people already have (torchvision; detectron2 later)."""

@@ -1,0 +1,81 @@
+"""``build_detector(cfg)``: every module constructed explicitly from the typed config (no registry)."""
+
+from __future__ import annotations
+
+from maskrcnn.config import Config
+from maskrcnn.modeling.anchors import AnchorGenerator
+from maskrcnn.modeling.backbone import Backbone
+from maskrcnn.modeling.backbone.fpn import FPN
+from maskrcnn.modeling.backbone.resnet import ResNet, freeze, make_stage
+from maskrcnn.modeling.detector import MaskRCNN
+from maskrcnn.modeling.poolers import MultiLevelRoIPooler
+from maskrcnn.modeling.preprocess import ImagePreprocessor
+from maskrcnn.modeling.roi_heads.box_head import FastRCNNConvFCHead, FastRCNNPredictor
+from maskrcnn.modeling.roi_heads.c4 import Res5ROIHeads
+from maskrcnn.modeling.roi_heads.mask_head import MaskRCNNConvUpsampleHead
+from maskrcnn.modeling.roi_heads.standard import StandardROIHeads
+from maskrcnn.modeling.rpn import RPN, RPNHead
+
+
+def build_detector(cfg: Config) -> MaskRCNN:
+    """The detector described by ``cfg.model``, with freshly initialised weights."""
+    m = cfg.model
+    i = m.input
+    preprocess = ImagePreprocessor(i.channel_order, i.pixel_scale, i.pixel_mean, i.pixel_std, i.min_size_train,
+                                   i.max_size_train, i.min_size_test, i.max_size_test, i.size_divisibility,
+                                   i.resize_style)
+    b = m.backbone
+    c4 = m.architecture == "C4"
+    body = ResNet(b.depth, b.groups, b.width_per_group, b.norm, b.norm_eps, b.stride_in_1x1, b.freeze_at,
+                  out_features=("res4",) if c4 else ("res2", "res3", "res4", "res5"))
+    if c4:
+        backbone, channels, strides = Backbone(body), body.out_channels["res4"], (16,)
+        rpn_levels, roi_levels = (0,), (0,)
+    else:
+        fpn = FPN([body.out_channels[s] for s in ("res2", "res3", "res4", "res5")], m.fpn.out_channels, m.fpn.norm,
+                  m.fpn.norm_eps)
+        backbone, channels, strides = Backbone(body, fpn), m.fpn.out_channels, (4, 8, 16, 32)
+        rpn_levels, roi_levels = (0, 1, 2, 3, 4), (0, 1, 2, 3)
+    rpn_strides = strides if c4 else strides + (64,)
+    if len(m.anchors.sizes) != len(rpn_strides):
+        raise ValueError(f"model.anchors.sizes has {len(m.anchors.sizes)} levels but the {m.architecture} RPN "
+                         f"runs on {len(rpn_strides)}")
+    anchors = AnchorGenerator(m.anchors.sizes, m.anchors.aspect_ratios, rpn_strides, m.anchors.style, m.anchors.offset)
+    if len(set(anchors.num_anchors)) != 1:
+        raise ValueError("the RPN head is shared by all levels: every level needs the same number of anchors")
+    r = m.rpn
+    rpn = RPN(RPNHead(channels, anchors.num_anchors[0], r.num_convs), anchors, r.fg_iou_thresh, r.bg_iou_thresh,
+              r.batch_size_per_image, r.positive_fraction, (r.pre_nms_topk_train, r.pre_nms_topk_test),
+              (r.post_nms_topk_train, r.post_nms_topk_test), r.nms_thresh, r.min_size, r.score_thresh,
+              r.bbox_reg_weights, r.smooth_l1_beta, r.loss_normalizer, r.objectness_loss_weight, r.box_loss_weight,
+              r.nms_on_probability)
+
+    rh, bh, mh = m.roi_heads, m.box_head, m.mask_head
+    level_rule = dict(canonical_scale=rh.pooler_canonical_scale, canonical_level=rh.pooler_canonical_level,
+                      eps=rh.pooler_level_eps, log_eps=rh.pooler_level_log_eps)
+    box_pooler = MultiLevelRoIPooler(bh.pooler_resolution, strides, bh.pooler_sampling_ratio, bh.pooler_aligned,
+                                     bh.pooler_type, **level_rule)
+    if c4:
+        res5, res5_channels = make_stage(b.depth, 3, channels, 2, b.norm, b.norm_eps, b.groups, b.width_per_group,
+                                         b.stride_in_1x1)
+        if b.freeze_at >= 5:
+            freeze(res5)
+        box_head, box_dim, mask_in = res5, res5_channels, res5_channels
+        mask_pooler = None
+    else:
+        box_head = FastRCNNConvFCHead(channels, bh.pooler_resolution, bh.num_conv, bh.conv_dim, bh.num_fc, bh.fc_dim,
+                                      bh.norm)
+        box_dim, mask_in = box_head.out_dim, channels
+        mask_pooler = MultiLevelRoIPooler(mh.pooler_resolution, strides, mh.pooler_sampling_ratio, mh.pooler_aligned,
+                                          mh.pooler_type, **level_rule) if m.mask_on else None
+    predictor = FastRCNNPredictor(box_dim, rh.num_classes, bh.class_agnostic)
+    mask_head = MaskRCNNConvUpsampleHead(mask_in, rh.num_classes, mh.num_conv, mh.conv_dim, mh.norm,
+                                         class_agnostic=mh.class_agnostic) if m.mask_on else None
+    heads_cls = Res5ROIHeads if c4 else StandardROIHeads
+    roi_heads = heads_cls(box_pooler, box_head, predictor, rh.num_classes, mask_pooler, mask_head, rh.fg_iou_thresh,
+                          rh.bg_iou_thresh, rh.batch_size_per_image, rh.positive_fraction, rh.append_gt,
+                          bh.bbox_reg_weights, bh.smooth_l1_beta, rh.score_thresh, rh.nms_thresh,
+                          rh.detections_per_image, rh.min_size, mh.target_aligned, mh.target_sampling_ratio,
+                          mh.target_binarize)
+    return MaskRCNN(preprocess, backbone, rpn, roi_heads, rh.num_classes, rpn_levels, roi_levels, mh.paste_style,
+                    mh.mask_threshold)

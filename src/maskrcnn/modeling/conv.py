@@ -1,0 +1,28 @@
+"""A convolution with an optional normalisation and ReLU, the unit every backbone and head is made of."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+
+class ConvNorm(nn.Conv2d):
+    """``Conv2d`` followed by ``self.norm`` (if any) and a ReLU (if ``relu``).
+
+    The norm lives inside the conv module (``conv.norm.weight``) so that one name addresses both;
+    a conv followed by a norm needs no bias, so ``bias`` defaults to "only without norm".
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
+                 dilation: int = 1, groups: int = 1, bias: bool | None = None, norm: nn.Module | None = None,
+                 relu: bool = False) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
+                         groups=groups, bias=norm is None if bias is None else bias)
+        self.norm = norm
+        self.relu = relu
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = super().forward(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        return F.relu_(x) if self.relu else x

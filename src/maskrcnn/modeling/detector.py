@@ -1,0 +1,75 @@
+"""The detector: preprocess -> backbone -> RPN -> RoI heads -> postprocess, with torchvision's API.
+
+``model(images)`` returns one dict per image with ``boxes (D, 4)`` (XYXY, original image pixels),
+``labels (D,)`` (1..K), ``scores (D,)`` and, with the mask head, ``masks (D, 1, H, W)`` (bool, or
+probabilities when the mask threshold is negative). ``model(images, targets)`` in training mode
+returns a dict of named losses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from maskrcnn.modeling.preprocess import ImagePreprocessor
+from maskrcnn.modeling.roi_heads.standard import StandardROIHeads
+from maskrcnn.modeling.rpn import RPN
+
+
+class MaskRCNN(nn.Module):
+    """Generalised R-CNN (Faster R-CNN when the RoI heads have no mask head).
+
+    Args:
+        preprocess: input checks, normalisation, resize and batching.
+        backbone: image batch -> list of feature maps, finest first.
+        rpn: proposals from ``backbone`` maps ``rpn_levels``.
+        roi_heads: detections from maps ``roi_levels`` and the proposals.
+        num_classes: foreground classes (labels 1..K).
+        paste_style, mask_threshold: how ``masks`` are produced (see ``paste_masks_in_image``).
+    """
+
+    def __init__(self, preprocess: ImagePreprocessor, backbone: nn.Module, rpn: RPN, roi_heads: StandardROIHeads,
+                 num_classes: int, rpn_levels: Sequence[int], roi_levels: Sequence[int],
+                 paste_style: str = "detectron2", mask_threshold: float = 0.5) -> None:
+        super().__init__()
+        self.preprocess = preprocess
+        self.backbone = backbone
+        self.rpn = rpn
+        self.roi_heads = roi_heads
+        self.num_classes = num_classes
+        self.rpn_levels = tuple(rpn_levels)
+        self.roi_levels = tuple(roi_levels)
+        self.paste_style = paste_style
+        self.mask_threshold = mask_threshold
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def forward(self, images: Sequence[Tensor] | Tensor, targets: Sequence[dict] | None = None
+                ) -> list[dict[str, Tensor]] | dict[str, Tensor]:
+        images = self.preprocess.check_images(images)
+        if self.training:
+            if targets is None:
+                raise ValueError("the model is in training mode: pass targets, or call model.eval() to predict")
+            targets = self.preprocess.check_targets(targets, images, self.num_classes, self.roi_heads.mask_on)
+        dtype = self.dtype
+        original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        batch, sizes, targets = self.preprocess(images, dtype, targets if self.training else None)
+        batch = batch.to(next(self.parameters()).device)
+        features = self.backbone(batch)
+        rpn_feats = [features[i] for i in self.rpn_levels]
+        roi_feats = [features[i] for i in self.roi_levels]
+        if self.training:
+            assert targets is not None
+            targets = [{k: (v.to(batch.device) if hasattr(v, "to") else v) for k, v in t.items()} for t in targets]
+            proposals, losses = self.rpn(rpn_feats, batch.shape[-2:], sizes, [t["boxes"] for t in targets])
+            _, roi_losses = self.roi_heads(roi_feats, proposals, sizes, targets)
+            losses.update(roi_losses)
+            return losses
+        proposals, _ = self.rpn(rpn_feats, batch.shape[-2:], sizes)
+        dets, _ = self.roi_heads(roi_feats, proposals, sizes)
+        threshold = self.mask_threshold if self.mask_threshold >= 0 else None
+        return self.preprocess.postprocess(dets, sizes, original_sizes, self.paste_style, threshold)

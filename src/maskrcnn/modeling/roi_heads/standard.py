@@ -1,0 +1,161 @@
+"""RoI heads of Faster/Mask R-CNN with FPN: label and sample proposals, run the box branch on them
+and the mask branch on the positives (training) or on the final detections (inference)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from maskrcnn.modeling.matching import BalancedSampler, Matcher, Sampler
+from maskrcnn.modeling.poolers import MultiLevelRoIPooler
+from maskrcnn.modeling.roi_heads.box_head import FastRCNNPredictor, box_losses, detections_from_predictions
+from maskrcnn.modeling.roi_heads.mask_head import mask_loss, mask_probabilities, mask_targets
+from maskrcnn.structures.boxes import BoxCoder, pairwise_iou
+
+
+class SampledRoIs:
+    """The RoIs of one training step, concatenated over images.
+
+    ``boxes`` per image; ``labels (R,)`` 0 = background; ``matched (R,)`` ground-truth index;
+    ``target_boxes (R, 4)`` the matched ground-truth box (meaningless for background).
+    """
+
+    def __init__(self, boxes: list[Tensor], labels: Tensor, matched: list[Tensor], target_boxes: Tensor) -> None:
+        self.boxes, self.labels, self.matched, self.target_boxes = boxes, labels, matched, target_boxes
+
+    def foreground(self) -> tuple[list[Tensor], list[Tensor], Tensor, list[Tensor]]:
+        """Per image: foreground boxes and matched indices; plus their labels and the per-image fg masks."""
+        per_image = [b.shape[0] for b in self.boxes]
+        fg_masks = [lab > 0 for lab in self.labels.split(per_image)]
+        boxes = [b[m] for b, m in zip(self.boxes, fg_masks)]
+        matched = [mt[m] for mt, m in zip(self.matched, fg_masks)]
+        return boxes, matched, self.labels[self.labels > 0], fg_masks
+
+
+class StandardROIHeads(nn.Module):
+    """Box branch (``box_pooler`` -> ``box_head`` -> ``box_predictor``) and optional mask branch.
+
+    Args:
+        num_classes: foreground classes K; labels are 1..K, 0 is background.
+        fg_iou, bg_iou: proposals with IoU >= fg_iou with a ground truth are foreground, < bg_iou
+            background (0.5 / 0.5: no ignored band).
+        batch_size_per_image, positive_fraction: the RoI sample for the loss (512, 0.25).
+        append_gt: add the ground-truth boxes to the proposals in training (so every object has at
+            least one perfect positive early in training).
+        box_weights: the BoxCoder weights of the deltas (10, 10, 5, 5).
+        smooth_l1_beta: box loss transition (torchvision 1/9, detectron2 0 = L1).
+        score_thresh, nms_thresh, detections_per_image, min_size: inference (0.05, 0.5, 100, 1e-2).
+        mask_target_aligned, mask_target_sampling, mask_target_binarize: how bitmap ground truth is
+            cropped into mask targets (see :func:`mask_targets`).
+    """
+
+    def __init__(self, box_pooler: MultiLevelRoIPooler, box_head: nn.Module, box_predictor: FastRCNNPredictor,
+                 num_classes: int, mask_pooler: MultiLevelRoIPooler | None = None, mask_head: nn.Module | None = None,
+                 fg_iou: float = 0.5, bg_iou: float = 0.5, batch_size_per_image: int = 512,
+                 positive_fraction: float = 0.25, append_gt: bool = True,
+                 box_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0), smooth_l1_beta: float = 1 / 9,
+                 score_thresh: float = 0.05, nms_thresh: float = 0.5, detections_per_image: int = 100,
+                 min_size: float = 1e-2, mask_target_aligned: bool = False, mask_target_sampling: int = -1,
+                 mask_target_binarize: bool = False) -> None:
+        super().__init__()
+        self.box_pooler = box_pooler
+        self.box_head = box_head
+        self.box_predictor = box_predictor
+        self.mask_pooler = mask_pooler
+        self.mask_head = mask_head
+        self.num_classes = num_classes
+        self.matcher = Matcher(fg_iou, bg_iou, allow_low_quality_matches=False)
+        self.sampler: Sampler = BalancedSampler(batch_size_per_image, positive_fraction)
+        self.append_gt = append_gt
+        self.box_coder = BoxCoder(box_weights)
+        self.smooth_l1_beta = smooth_l1_beta
+        self.score_thresh = score_thresh
+        self.nms_thresh = nms_thresh
+        self.detections_per_image = detections_per_image
+        self.min_size = min_size
+        self.mask_target = dict(aligned=mask_target_aligned, sampling_ratio=mask_target_sampling,
+                                binarize=mask_target_binarize)
+
+    @property
+    def mask_on(self) -> bool:
+        return self.mask_head is not None
+
+    # -- training ---------------------------------------------------------------------------------
+    def label_and_sample(self, proposals: Sequence[Tensor], targets: Sequence[dict]) -> SampledRoIs:
+        boxes, labels, matched, target_boxes, binary = [], [], [], [], []
+        for props, tgt in zip(proposals, targets):
+            gt = tgt["boxes"].to(props.dtype)
+            if self.append_gt:
+                props = torch.cat([props, gt])
+            m, lab = self.matcher(pairwise_iou(gt, props).nan_to_num_(0.0))
+            cls = tgt["labels"][m] if gt.shape[0] else torch.zeros_like(m)
+            cls = torch.where(lab == 1, cls, torch.where(lab == 0, 0, -1))
+            boxes.append(props)
+            labels.append(cls)
+            matched.append(m)
+            binary.append(lab)
+            target_boxes.append(gt[m] if gt.shape[0] else torch.zeros_like(props))
+        out_boxes, out_labels, out_matched, out_targets = [], [], [], []
+        for i, (pos, neg) in enumerate(self.sampler(binary)):
+            idx = torch.cat([pos, neg]).sort().values  # proposal order, as torchvision
+            out_boxes.append(boxes[i][idx])
+            out_labels.append(labels[i][idx])
+            out_matched.append(matched[i][idx])
+            out_targets.append(target_boxes[i][idx])
+        return SampledRoIs(out_boxes, torch.cat(out_labels), out_matched, torch.cat(out_targets))
+
+    def box_features(self, features: Sequence[Tensor], boxes: Sequence[Tensor]) -> Tensor:
+        return self.box_head(self.box_pooler(features, boxes))
+
+    def mask_logits(self, features: Sequence[Tensor], boxes: Sequence[Tensor], box_feats: Tensor | None = None,
+                    fg_masks: Sequence[Tensor] | None = None) -> Tensor:
+        assert self.mask_pooler is not None and self.mask_head is not None
+        return self.mask_head(self.mask_pooler(features, boxes))
+
+    def losses(self, features: Sequence[Tensor], proposals: Sequence[Tensor], targets: Sequence[dict]
+               ) -> dict[str, Tensor]:
+        rois = self.label_and_sample(proposals, targets)
+        feats = self.box_features(features, rois.boxes)
+        logits, deltas = self.box_predictor(feats)
+        fg = rois.labels > 0
+        target_deltas = torch.zeros_like(rois.target_boxes)
+        if fg.any():
+            all_boxes = torch.cat(rois.boxes)
+            target_deltas[fg] = self.box_coder.encode(all_boxes[fg], rois.target_boxes[fg])
+        losses = box_losses(logits, deltas, rois.labels, target_deltas, self.smooth_l1_beta)
+        if self.mask_on:
+            fg_boxes, fg_matched, fg_labels, fg_masks = rois.foreground()
+            mlogits = self.mask_logits(features, fg_boxes, feats, fg_masks)
+            size = mlogits.shape[-1]
+            tgts = [mask_targets(t["masks"], b, m, size, **self.mask_target)
+                    for t, b, m in zip(targets, fg_boxes, fg_matched)]
+            losses["loss_mask"] = mask_loss(mlogits, fg_labels, torch.cat(tgts) if tgts else mlogits.new_zeros(0))
+        return losses
+
+    # -- inference --------------------------------------------------------------------------------
+    def detect(self, features: Sequence[Tensor], proposals: Sequence[Tensor], image_sizes: Sequence[tuple[int, int]]
+               ) -> list[dict[str, Tensor]]:
+        logits, deltas = self.box_predictor(self.box_features(features, proposals))
+        dets = detections_from_predictions(logits, deltas, proposals, image_sizes, self.box_coder, self.score_thresh,
+                                           self.nms_thresh, self.detections_per_image, self.min_size)
+        if self.mask_on:
+            self.add_masks(features, dets)
+        return dets
+
+    def add_masks(self, features: Sequence[Tensor], dets: list[dict[str, Tensor]]) -> None:
+        """Adds ``mask_probs (D, M, M)`` of the predicted class to each image's detections."""
+        boxes = [d["boxes"] for d in dets]
+        labels = torch.cat([d["labels"] for d in dets])
+        probs = mask_probabilities(self.mask_logits(features, boxes), labels)
+        for d, p in zip(dets, probs.split([b.shape[0] for b in boxes])):
+            d["mask_probs"] = p
+
+    def forward(self, features: Sequence[Tensor], proposals: Sequence[Tensor], image_sizes: Sequence[tuple[int, int]],
+                targets: Sequence[dict] | None = None) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
+        if self.training:
+            if targets is None:
+                raise ValueError("ROI heads: training needs targets")
+            return [], self.losses(features, proposals, targets)
+        return self.detect(features, proposals, image_sizes), {}
