@@ -4,7 +4,8 @@ torchvision's wheels do not load against the CPU-only torch this package is test
 parity tests hand their inputs to a subprocess: ``run_reference(script, inputs)`` saves ``inputs``
 (a dict of tensors and plain values) with ``torch.save``, runs ``script`` in the reference
 interpreter with ``inputs`` bound to that dict, and returns the dict the script stores in
-``outputs``. Create the environment with ``bash scripts/make_reference_env.sh``.
+``outputs``; ``randomize_norms(model, seed)`` is predefined there. Create the environment with
+``bash scripts/make_reference_env.sh``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,18 @@ import sys, torch
 torch.set_num_threads(int(sys.argv[3]))
 inputs = torch.load(sys.argv[1], weights_only=False)
 outputs = {}
+
+def randomize_norms(model, seed):
+    # freshly built norms are identities (mean 0, var 1, weight 1, bias 0), which would hide a
+    # wrongly mapped statistic: give every one of them seeded random values
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean") or name.endswith(".bias"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+            elif name.endswith("running_var") or name.endswith(".weight"):
+                b.copy_(torch.rand(b.shape, generator=g) * 0.5 + 0.75)
+    return g
 """
 _EPILOGUE = """
 torch.save(outputs, sys.argv[2])

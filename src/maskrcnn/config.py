@@ -147,6 +147,7 @@ class MaskHeadConfig:
 class ModelConfig:
     architecture: str = _choice("FPN", ("FPN", "C4"), "FPN (P2-P6) or the paper's res4/res5 C4 model")
     mask_on: bool = True
+    channels_last: bool = True  # NHWC feature maps: ~25% faster convolutions on CPU (oneDNN) and tensor cores
     input: InputConfig = field(default_factory=InputConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     fpn: FPNConfig = field(default_factory=FPNConfig)

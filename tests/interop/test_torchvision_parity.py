@@ -25,6 +25,7 @@ from torchvision.models.detection.rpn import RPNHead
 
 def build(variant, **kw):
     # exactly what maskrcnn_resnet50_fpn(_v2) build when given weights (frozen BN in the trunk)
+    torch.manual_seed(inputs["seed"])  # the default initialisers draw from the global generator
     trunk = resnet50(norm_layer=FrozenBatchNorm2d)
     if variant == "v1":
         model = MaskRCNN(_resnet_fpn_extractor(trunk, 3), num_classes=91, **kw)
@@ -34,18 +35,17 @@ def build(variant, **kw):
                          rpn_head=RPNHead(256, 3, conv_depth=2),
                          box_head=FastRCNNConvFCHead((256, 7, 7), [256] * 4, [1024], norm_layer=nn.BatchNorm2d),
                          mask_head=MaskRCNNHeads(256, [256] * 4, 1, norm_layer=nn.BatchNorm2d), **kw)
-    g = torch.Generator().manual_seed(inputs["seed"])
+    g = randomize_norms(model, inputs["seed"])
     with torch.no_grad():
-        for name, b in model.named_buffers():
-            if name.endswith("running_mean") or name.endswith(".bias"):
-                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
-            elif name.endswith("running_var") or name.endswith(".weight"):
-                b.copy_(torch.rand(b.shape, generator=g) * 0.5 + 0.75)
         for name, p in model.named_parameters():
             if p.dim() == 1 and "bn" not in name and ".1." not in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)  # biases: non-zero, small
             elif p.dim() == 1:
                 p.copy_(torch.rand(p.shape, generator=g) * 0.5 + 0.75)
+        # shift the mask logits so that the pasted masks are neither empty nor full boxes, and spread
+        # the class logits so that detections do not all share one class
+        model.roi_heads.mask_predictor.mask_fcn_logits.bias.add_(inputs.get("mask_bias", 0.0))
+        model.roi_heads.box_predictor.cls_score.weight.mul_(inputs.get("cls_gain", 1.0))
     return model.double()
 """
 
@@ -102,7 +102,9 @@ def _ours(variant, state, **overrides):
 def test_inference_matches_torchvision(reference, variant):
     # a 4:3 image resized to 800x1066 and a portrait one of another size, in one batch
     images = [_image(480, 640, 1), _image(500, 380, 2)]
-    ref = reference(INFER, {"variant": variant, "seed": 7, "images": images}, timeout=1500)
+    ref = reference(INFER, {"variant": variant, "seed": 7, "images": images, "mask_bias": 1.0,
+                                     "cls_gain": 3.0 if variant == "v1" else 1.0},
+                    timeout=1500)
     model = _ours(variant, ref["state"], **{"model.roi_heads.score_thresh": 0.0}).eval()
     with torch.no_grad():
         ours = model(images)
@@ -117,7 +119,10 @@ def test_inference_matches_torchvision(reference, variant):
         nonempty = r["masks"].flatten(1).any(1).double().mean().item()
         assert nonempty > 0.2 and r["masks"].sum() > 2000, f"degenerate masks: {nonempty:.2f} non-empty"
         assert (o["masks"][:, 0] != r["masks"]).sum() < 0.01 * r["masks"].sum()
-        assert o["labels"].unique().numel() >= 2 and (o["boxes"][:, 2] - o["boxes"][:, 0]).std() > 5
+        # no tied scores (their order would be arbitrary), boxes of all sizes, several classes where
+        # the random classifier allows it (v2's 4conv-1fc features favour one class for all boxes)
+        assert r["scores"].unique().numel() == 100 and (o["boxes"][:, 2] - o["boxes"][:, 0]).std() > 5
+        assert o["labels"].unique().numel() >= (5 if variant == "v1" else 1)
 
 
 def _targets():

@@ -37,12 +37,13 @@ def load_state_dict_checked(model: nn.Module, state: Mapping[str, Tensor], sourc
     """Load ``state`` into ``model``; raise one error listing missing, unexpected and mis-shaped keys.
 
     ``expected``: the model keys ``state`` must cover (default: all of them). ``num_batches_tracked``
-    counters are never required.
+    counters are neither required nor unexpected.
     """
     ours = model.state_dict()
     need = set(ours if expected is None else expected)
     missing = sorted(k for k in need - set(state) if not k.endswith("num_batches_tracked"))
-    unexpected = sorted(set(state) - set(ours))
+    # a BatchNorm2d's step counter has no place in a frozen batch norm: dropping it loses nothing
+    unexpected = sorted(k for k in set(state) - set(ours) if not k.endswith("num_batches_tracked"))
     shapes = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(ours[k].shape)}"
                     for k in set(state) & set(ours) if state[k].shape != ours[k].shape)
     if missing or unexpected or shapes:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from maskrcnn.config import Config
 from maskrcnn.modeling.anchors import AnchorGenerator
 from maskrcnn.modeling.backbone import Backbone
@@ -77,5 +79,6 @@ def build_detector(cfg: Config) -> MaskRCNN:
                           bh.bbox_reg_weights, bh.smooth_l1_beta, rh.score_thresh, rh.nms_thresh,
                           rh.detections_per_image, rh.min_size, mh.target_aligned, mh.target_sampling_ratio,
                           mh.target_binarize)
-    return MaskRCNN(preprocess, backbone, rpn, roi_heads, rh.num_classes, rpn_levels, roi_levels, mh.paste_style,
-                    mh.mask_threshold)
+    model = MaskRCNN(preprocess, backbone, rpn, roi_heads, rh.num_classes, rpn_levels, roi_levels, mh.paste_style,
+                     mh.mask_threshold, m.channels_last)
+    return model.to(memory_format=torch.channels_last) if m.channels_last else model

@@ -28,11 +28,13 @@ class MaskRCNN(nn.Module):
         roi_heads: detections from maps ``roi_levels`` and the proposals.
         num_classes: foreground classes (labels 1..K).
         paste_style, mask_threshold: how ``masks`` are produced (see ``paste_masks_in_image``).
+        channels_last: run the network on NHWC feature maps (the conv weights should be too:
+            ``model.to(memory_format=torch.channels_last)``, as ``build_model`` does).
     """
 
     def __init__(self, preprocess: ImagePreprocessor, backbone: nn.Module, rpn: RPN, roi_heads: StandardROIHeads,
                  num_classes: int, rpn_levels: Sequence[int], roi_levels: Sequence[int],
-                 paste_style: str = "detectron2", mask_threshold: float = 0.5) -> None:
+                 paste_style: str = "detectron2", mask_threshold: float = 0.5, channels_last: bool = False) -> None:
         super().__init__()
         self.preprocess = preprocess
         self.backbone = backbone
@@ -43,6 +45,7 @@ class MaskRCNN(nn.Module):
         self.roi_levels = tuple(roi_levels)
         self.paste_style = paste_style
         self.mask_threshold = mask_threshold
+        self.channels_last = channels_last
 
     @property
     def dtype(self) -> torch.dtype:
@@ -59,6 +62,8 @@ class MaskRCNN(nn.Module):
         original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
         batch, sizes, targets = self.preprocess(images, dtype, targets if self.training else None)
         batch = batch.to(next(self.parameters()).device)
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
         features = self.backbone(batch)
         rpn_feats = [features[i] for i in self.rpn_levels]
         roi_feats = [features[i] for i in self.roi_levels]

@@ -1,0 +1,71 @@
+"""Config: presets, YAML round trip and inheritance, overrides, and errors that name the key."""
+
+import pytest
+
+import maskrcnn
+from maskrcnn.config import PRESETS, ConfigError, apply_overrides, get_config, load_yaml
+
+
+def test_every_preset_builds_and_round_trips_through_yaml(tmp_path):
+    for name in PRESETS:
+        cfg = get_config(name)
+        path = tmp_path / f"{name}.yaml"
+        cfg.save(path)
+        assert load_yaml(path) == cfg, name
+
+
+def test_presets_differ_where_they_should():
+    tv = get_config("torchvision_maskrcnn_resnet50_fpn")
+    assert tv.model.box_head.pooler_aligned is False and tv.model.roi_heads.num_classes == 90
+    assert get_config("mask_rcnn_R_50_FPN").model.box_head.pooler_aligned is True
+    x101 = get_config("mask_rcnn_X_101_32x8d_FPN").model.backbone
+    assert (x101.depth, x101.groups, x101.width_per_group) == (101, 32, 8)
+    assert get_config("mask_rcnn_R_50_C4").model.architecture == "C4"
+    v2 = get_config("torchvision_maskrcnn_resnet50_fpn_v2").model
+    assert v2.fpn.norm == "BN" and v2.rpn.num_convs == 2 and v2.box_head.num_conv == 4
+
+
+def test_yaml_base_and_overrides(tmp_path):
+    (tmp_path / "base.yaml").write_text("_base_: mask_rcnn_R_101_FPN\nmodel:\n  roi_heads:\n    num_classes: 7\n")
+    (tmp_path / "child.yaml").write_text("_base_: base.yaml\nmodel:\n  rpn:\n    nms_thresh: 0.6\n")
+    cfg = get_config(str(tmp_path / "child.yaml"), ["model.roi_heads.score_thresh=0.3", "model.input.min_size_train=[640, 672]"])
+    assert cfg.model.backbone.depth == 101 and cfg.model.roi_heads.num_classes == 7
+    assert cfg.model.rpn.nms_thresh == 0.6 and cfg.model.roi_heads.score_thresh == 0.3
+    assert cfg.model.input.min_size_train == (640, 672)
+
+
+@pytest.mark.parametrize("override,match", [
+    ("model.roi_heads.score_tresh=0.3", r"unknown config key 'model.roi_heads.score_tresh' \(did you mean 'model.roi_heads.score_thresh'"),
+    ("model.roi_heads.num_classes=3.5", "'model.roi_heads.num_classes' must be an integer"),
+    ("model.roi_heads.num_classes=true", "'model.roi_heads.num_classes' must be an integer"),
+    ("model.mask_on=1", "'model.mask_on' must be true or false"),
+    ("model.backbone.norm=LayerNorm", r"'model.backbone.norm' must be one of"),
+    ("model.backbone.depth=77", r"'model.backbone.depth' must be one of"),
+    ("model.input.pixel_mean=[1, 2]", "'model.input.pixel_mean' must be a list of 3 values"),
+    ("model.rpn=3", "'model.rpn' must be a mapping"),
+    ("model.roi_heads.score_thresh", "must look like dotted.key=value"),
+])
+def test_bad_overrides_name_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        apply_overrides(get_config("mask_rcnn_R_50_FPN"), [override])
+
+
+def test_bad_files_and_names(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean"):
+        get_config("mask_rcnn_R50_FPN")
+    with pytest.raises(FileNotFoundError):
+        get_config(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        get_config(str(bad))
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("model:\n  backbone:\n    dept: 50\n")
+    with pytest.raises(ConfigError, match=r"typo.yaml: unknown config key 'model.backbone.dept'"):
+        get_config(str(typo))
+
+
+def test_public_api():
+    cfg = maskrcnn.get_config("mask_rcnn_R_50_FPN")
+    assert isinstance(cfg, maskrcnn.Config)
+    assert "torchvision_maskrcnn_resnet50_fpn_v2" in maskrcnn.PRESETS

@@ -1,0 +1,64 @@
+"""Small models and synthetic data for fast CPU tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+import maskrcnn
+from maskrcnn.structures.masks import PolygonMasks
+
+TINY = [
+    "model.backbone.depth=18", "model.backbone.freeze_at=0", "model.backbone.norm=BN",
+    "model.fpn.out_channels=32",
+    "model.anchors.sizes=[[16], [32], [64], [128], [256]]",
+    "model.rpn.pre_nms_topk_train=300", "model.rpn.pre_nms_topk_test=200",
+    "model.rpn.post_nms_topk_train=100", "model.rpn.post_nms_topk_test=50",
+    "model.rpn.batch_size_per_image=64",
+    "model.roi_heads.batch_size_per_image=64", "model.roi_heads.num_classes=3",
+    "model.roi_heads.detections_per_image=20",
+    "model.box_head.fc_dim=64", "model.mask_head.conv_dim=32", "model.mask_head.num_conv=2",
+    "model.input.min_size_train=[128]", "model.input.max_size_train=192",
+    "model.input.min_size_test=128", "model.input.max_size_test=192",
+]
+
+
+def tiny_config(preset: str = "mask_rcnn_R_50_FPN", extra: list[str] | None = None) -> maskrcnn.Config:
+    return maskrcnn.get_config(preset, TINY + (extra or []))
+
+
+def shapes_sample(seed: int, size: tuple[int, int] = (128, 160), polygons: bool = False):
+    """One image with 1-3 filled rectangles/triangles (class 1 = rectangle, 2 = triangle, 3 = diamond)."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    img = rng.uniform(0.0, 0.25, (3, h, w)).astype(np.float32)
+    boxes, labels, polys = [], [], []
+    for _ in range(int(rng.integers(1, 4))):
+        s = float(rng.uniform(24, 56))
+        x0, y0 = float(rng.uniform(0, w - s)), float(rng.uniform(0, h - s))
+        kind = int(rng.integers(1, 4))
+        if kind == 1:
+            ring = [x0, y0, x0 + s, y0, x0 + s, y0 + s, x0, y0 + s]
+        elif kind == 2:
+            ring = [x0 + s / 2, y0, x0 + s, y0 + s, x0, y0 + s]
+        else:
+            ring = [x0 + s / 2, y0, x0 + s, y0 + s / 2, x0 + s / 2, y0 + s, x0, y0 + s / 2]
+        polys.append([ring])
+        boxes.append([x0, y0, x0 + s, y0 + s])
+        labels.append(kind)
+    pm = PolygonMasks.from_coco(polys)
+    bitmaps = _rasterize_full(pm, h, w)
+    color = torch.tensor(rng.uniform(0.5, 1.0, (len(polys), 3)), dtype=torch.float32)
+    image = torch.from_numpy(img)
+    for k in range(len(polys)):
+        image = torch.where(bitmaps[k].bool()[None], color[k][:, None, None], image)
+    target = {"boxes": torch.tensor(boxes), "labels": torch.tensor(labels),
+              "masks": pm if polygons else bitmaps.to(torch.uint8)}
+    return image, target
+
+
+def _rasterize_full(pm: PolygonMasks, h: int, w: int) -> torch.Tensor:
+    """Full-image bitmaps: rasterise each instance in the whole image box at (h, w) via a square grid."""
+    side = max(h, w)
+    full = pm.rasterize(torch.tensor([[0.0, 0.0, float(side), float(side)]] * len(pm)), side)
+    return full[:, :h, :w]
