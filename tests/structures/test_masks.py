@@ -111,3 +111,29 @@ def test_polygon_transforms_and_checks():
         PolygonMasks.from_coco([[[0, 0, 1, np.nan, 2, 2]]])
     with pytest.raises(ValueError, match="has no polygon"):
         PolygonMasks.from_coco([[]])
+
+
+def test_rle_decoding_compressed_and_uncompressed():
+    from maskrcnn.structures.masks import decode_rle
+
+    m = np.zeros((20, 30), dtype=np.uint8, order="F")
+    m[3:9, 4:20] = 1
+    m[12:18, 25:28] = 1
+    compressed = mask_utils.encode(m)
+    as_str = {"size": compressed["size"], "counts": compressed["counts"].decode("ascii")}
+    # uncompressed COCO RLE: run lengths in column-major order, starting with zeros
+    flat = m.flatten(order="F")
+    runs, cur, n = [], 0, 0
+    for v in flat:
+        if v != cur:
+            runs.append(n)
+            cur, n = v, 0
+        n += 1
+    runs.append(n)
+    out = decode_rle([compressed, as_str, {"size": [20, 30], "counts": runs}], 20, 30)
+    for i in range(3):
+        assert torch.equal(out[i], torch.from_numpy(m)), i
+    with pytest.raises(ValueError, match=r"RLE 0 has size \[20, 30\], expected \[21, 30\]"):
+        decode_rle([compressed], 21, 30)
+    with pytest.raises(ValueError, match="must be a dict"):
+        decode_rle([[1, 2, 3]], 20, 30)

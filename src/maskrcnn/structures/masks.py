@@ -33,6 +33,24 @@ from torch import Tensor
 PASTE_STYLES = ("torchvision", "detectron2")
 
 
+def decode_rle(rles: Sequence[dict], height: int, width: int) -> Tensor:
+    """COCO RLE masks (compressed ``counts`` string or uncompressed list) -> ``(G, H, W)`` uint8."""
+    from pycocotools import mask as mask_utils
+
+    out = np.zeros((len(rles), height, width), dtype=np.uint8)
+    for i, rle in enumerate(rles):
+        if not isinstance(rle, dict) or "counts" not in rle or "size" not in rle:
+            raise ValueError(f"RLE {i} must be a dict with 'counts' and 'size', got {type(rle).__name__}")
+        if list(rle["size"]) != [height, width]:
+            raise ValueError(f"RLE {i} has size {list(rle['size'])}, expected [{height}, {width}]")
+        if isinstance(rle["counts"], list):  # uncompressed: convert
+            rle = mask_utils.frPyObjects(rle, height, width)
+        elif isinstance(rle["counts"], str):
+            rle = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
+        out[i] = mask_utils.decode(rle)
+    return torch.from_numpy(out)
+
+
 class PolygonMasks:
     """Polygons of ``G`` instances, each a list of flat ``[x0, y0, x1, y1, ...]`` rings (COCO format).
 
