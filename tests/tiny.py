@@ -62,3 +62,20 @@ def _rasterize_full(pm: PolygonMasks, h: int, w: int) -> torch.Tensor:
     side = max(h, w)
     full = pm.rasterize(torch.tensor([[0.0, 0.0, float(side), float(side)]] * len(pm)), side)
     return full[:, :h, :w]
+
+
+def tiny_train_overrides(out_dir, extra: list[str] | None = None) -> list[str]:
+    """The demo preset shrunk for tests: 96-px shapes, a handful of images, no workers."""
+    return [
+        f"train.output_dir={out_dir}/train", f"data.shapes_dir={out_dir}/shapes",
+        "data.shapes_train=8", "data.shapes_val=4", "data.shapes_size=96",
+        "data.shapes_min_radius=12", "data.shapes_max_radius=30", "data.num_workers=0",
+        "model.input.min_size_train=[96]", "model.input.max_size_train=160",
+        "model.input.min_size_test=96", "model.input.max_size_test=160",
+        "solver.ims_per_batch=2", "solver.max_iter=6", "solver.warmup_iters=2",
+        "train.checkpoint_period=3", "train.log_period=1",
+    ] + (extra or [])
+
+
+def tiny_train_config(out_dir, extra: list[str] | None = None) -> maskrcnn.Config:
+    return maskrcnn.get_config("shapes_R_18_FPN", tiny_train_overrides(out_dir, extra))

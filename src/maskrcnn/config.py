@@ -48,6 +48,8 @@ class BackboneConfig:
     depth: int = _choice(50, (18, 34, 50, 101, 152), "ResNet depth")
     groups: int = 1  # ResNeXt cardinality (32 for X-101-32x8d)
     width_per_group: int = 64  # ResNeXt bottleneck width per group (8 for X-101-32x8d)
+    stem_channels: int = 64  # thinner trunks for CPU: e.g. 32 with res2_channels 32 (a half-width ResNet-18)
+    res2_channels: int = 0  # output channels of res2, doubling per stage; 0: standard (256, or 64 for R18/34)
     norm: str = _choice("FrozenBN", NORMS, "normalisation in the trunk")
     norm_eps: float = 1e-5  # 0.0 for torchvision's v1 COCO weights
     stride_in_1x1: bool = False  # True for MSRA/detectron2 weights, False for torchvision's ImageNet weights
@@ -90,6 +92,7 @@ class RPNConfig:
     loss_normalizer: str = _choice("batch", ("batch", "sampled"), "divide losses by batch_size*images or by #sampled")
     objectness_loss_weight: float = 1.0
     box_loss_weight: float = 1.0
+    crowd_ioa_thresh: float = 0.7  # negative anchors this much inside an iscrowd region are ignored
 
 
 @dataclass
@@ -108,6 +111,7 @@ class ROIHeadsConfig:
     pooler_canonical_level: int = 4
     pooler_level_eps: float = 0.0  # torchvision: 1e-6 added to the level
     pooler_level_log_eps: float = 1e-8  # detectron2: 1e-8 added inside the log
+    crowd_ioa_thresh: float = 0.7  # background proposals this much inside an iscrowd region are not sampled
 
 
 @dataclass
@@ -159,8 +163,72 @@ class ModelConfig:
 
 
 @dataclass
+class DataConfig:
+    """COCO-format datasets. With no train/val paths, ``maskrcnn demo``/``train`` use the built-in
+    synthetic shapes (written to ``shapes_dir``)."""
+
+    train_json: str = ""  # instances JSON
+    train_images: str = ""  # folder the JSON's file_name values are relative to
+    val_json: str = ""
+    val_images: str = ""
+    keep_empty_images: bool = True  # train on images without annotations as negatives
+    on_bad_sample: str = _choice("skip", ("skip", "error"), "skip (and report) or stop at a bad image/annotation")
+    mask_format: str = _choice("polygon", ("polygon", "bitmap"), "keep polygons as polygons, or rasterise")
+    flip_prob: float = 0.5  # horizontal flip in training
+    num_workers: int = 2
+    aspect_ratio_grouping: bool = True
+    shapes_dir: str = "outputs/shapes"
+    shapes_train: int = 400
+    shapes_val: int = 50
+    shapes_size: int = 192
+    shapes_min_radius: float = 16.0
+    shapes_max_radius: float = 44.0
+    shapes_seed: int = 0
+
+
+@dataclass
+class SolverConfig:
+    """SGD with momentum, linear warm-up, then step or cosine decay.
+
+    Linear scaling rule (Goyal et al. 2017): ``base_lr`` is for ``ims_per_batch`` images per step
+    over all processes; if you change the batch, scale the learning rate by the same factor (and
+    the iterations by its inverse). detectron2's 0.02 is for 16 images.
+    """
+
+    ims_per_batch: int = 16  # global: split evenly over the processes
+    base_lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    weight_decay_norm: float = 0.0  # for norm layers' scales and shifts
+    max_iter: int = 90000
+    schedule: str = _choice("step", ("step", "cosine"), "learning rate decay after warm-up")
+    steps: tuple[int, ...] = (60000, 80000)  # "step": multiply by gamma at each
+    gamma: float = 0.1
+    warmup_iters: int = 1000
+    warmup_factor: float = 0.001  # lr starts at base_lr * warmup_factor, grows linearly
+    clip_grad_norm: float = 0.0  # 0 disables
+    amp: str = _choice("", ("", "bf16", "fp16"), "mixed precision: bf16 (CPU or GPU) or fp16 (GPU)")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "outputs/train"
+    checkpoint_period: int = 5000
+    eval_period: int = 0  # 0: only at the end
+    log_period: int = 20
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    init_weights: str = ""  # a checkpoint of ours to start from (fine-tuning)
+    init_weights_reset_heads: bool = False  # allow init_weights from other classes: new class predictors
+    eval_max_images: int = 0  # 0: the whole validation set
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
         return _to_plain(self)
@@ -338,6 +406,35 @@ def mask_rcnn_R_50_C4() -> Config:
     return cfg
 
 
+def shapes_R_18_FPN() -> Config:
+    """The CPU-sized model of ``maskrcnn demo``: a half-width ResNet-18 with a 64-channel FPN, trained
+    from scratch (batch norm in training mode, nothing frozen) on the 192-px synthetic shapes in
+    about ten minutes on two CPU cores."""
+    cfg = Config()
+    m = cfg.model
+    m.backbone.depth = 18
+    m.backbone.stem_channels = 32
+    m.backbone.res2_channels = 32
+    m.backbone.norm = "BN"
+    m.backbone.freeze_at = 0
+    m.fpn.out_channels = 64
+    m.anchors.sizes = ((16,), (32,), (64,), (128,), (256,))
+    m.rpn.pre_nms_topk_train, m.rpn.post_nms_topk_train = 1000, 500
+    m.rpn.pre_nms_topk_test, m.rpn.post_nms_topk_test = 500, 300
+    m.roi_heads.num_classes = 4
+    m.roi_heads.batch_size_per_image = 64
+    m.box_head.fc_dim = 256
+    m.mask_head.conv_dim = 64
+    m.input.min_size_train, m.input.max_size_train = (192,), 320
+    m.input.min_size_test, m.input.max_size_test = 192, 320
+    s = cfg.solver
+    s.ims_per_batch, s.base_lr, s.max_iter = 4, 0.02, 2000
+    s.schedule, s.warmup_iters, s.warmup_factor, s.clip_grad_norm = "cosine", 100, 0.01, 10.0
+    t = cfg.train
+    t.output_dir, t.checkpoint_period, t.eval_period, t.log_period = "outputs/shapes_R_18_FPN", 500, 500, 20
+    return cfg
+
+
 def faster_rcnn_R_50_FPN() -> Config:
     cfg = Config()
     cfg.model.mask_on = False
@@ -402,7 +499,7 @@ def torchvision_fasterrcnn_resnet50_fpn_v2() -> Config:
 PRESETS = {
     f.__name__: f
     for f in (mask_rcnn_R_50_FPN, mask_rcnn_R_101_FPN, mask_rcnn_X_101_32x8d_FPN, mask_rcnn_R_50_C4,
-              faster_rcnn_R_50_FPN, torchvision_maskrcnn_resnet50_fpn, torchvision_maskrcnn_resnet50_fpn_v2,
+              faster_rcnn_R_50_FPN, shapes_R_18_FPN, torchvision_maskrcnn_resnet50_fpn, torchvision_maskrcnn_resnet50_fpn_v2,
               torchvision_fasterrcnn_resnet50_fpn, torchvision_fasterrcnn_resnet50_fpn_v2)
 }
 

@@ -147,8 +147,8 @@ def test_training_losses_match_torchvision(reference, variant):
     ref = reference(TRAIN, {"variant": variant, "seed": 11, "images": images, "targets": targets}, timeout=1500)
     model = _ours(variant, ref["state"], **{"model.input.min_size_train": "[320]", "model.input.max_size_train": 512})
     model.train()
-    model.rpn.sampler = lambda labels: ref["samples"]["rpn"]
-    model.roi_heads.sampler = lambda labels: ref["samples"]["roi"]
+    model.rpn.sampler = lambda labels, seeds: ref["samples"]["rpn"]
+    model.roi_heads.sampler = lambda labels, seeds: ref["samples"]["roi"]
     losses = model(images, targets)
     names = {"loss_objectness": "loss_rpn_objectness", "loss_rpn_box_reg": "loss_rpn_box", "loss_classifier": "loss_cls",
              "loss_box_reg": "loss_box_reg", "loss_mask": "loss_mask"}

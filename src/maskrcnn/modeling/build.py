@@ -29,7 +29,8 @@ def build_detector(cfg: Config) -> MaskRCNN:
     b = m.backbone
     c4 = m.architecture == "C4"
     body = ResNet(b.depth, b.groups, b.width_per_group, b.norm, b.norm_eps, b.stride_in_1x1, b.freeze_at,
-                  out_features=("res4",) if c4 else ("res2", "res3", "res4", "res5"))
+                  out_features=("res4",) if c4 else ("res2", "res3", "res4", "res5"), stem_channels=b.stem_channels,
+                  res2_channels=b.res2_channels)
     if c4:
         backbone, channels, strides = Backbone(body), body.out_channels["res4"], (16,)
         rpn_levels, roi_levels = (0,), (0,)
@@ -50,7 +51,7 @@ def build_detector(cfg: Config) -> MaskRCNN:
               r.batch_size_per_image, r.positive_fraction, (r.pre_nms_topk_train, r.pre_nms_topk_test),
               (r.post_nms_topk_train, r.post_nms_topk_test), r.nms_thresh, r.min_size, r.score_thresh,
               r.bbox_reg_weights, r.smooth_l1_beta, r.loss_normalizer, r.objectness_loss_weight, r.box_loss_weight,
-              r.nms_on_probability)
+              r.nms_on_probability, r.crowd_ioa_thresh)
 
     rh, bh, mh = m.roi_heads, m.box_head, m.mask_head
     level_rule = dict(canonical_scale=rh.pooler_canonical_scale, canonical_level=rh.pooler_canonical_level,
@@ -59,7 +60,7 @@ def build_detector(cfg: Config) -> MaskRCNN:
                                      bh.pooler_type, **level_rule)
     if c4:
         res5, res5_channels = make_stage(b.depth, 3, channels, 2, b.norm, b.norm_eps, b.groups, b.width_per_group,
-                                         b.stride_in_1x1)
+                                         b.stride_in_1x1, b.res2_channels)
         if b.freeze_at >= 5:
             freeze(res5)
         box_head, box_dim, mask_in = res5, res5_channels, res5_channels
@@ -78,7 +79,7 @@ def build_detector(cfg: Config) -> MaskRCNN:
                           rh.bg_iou_thresh, rh.batch_size_per_image, rh.positive_fraction, rh.append_gt,
                           bh.bbox_reg_weights, bh.smooth_l1_beta, rh.score_thresh, rh.nms_thresh,
                           rh.detections_per_image, rh.min_size, mh.target_aligned, mh.target_sampling_ratio,
-                          mh.target_binarize)
+                          mh.target_binarize, rh.crowd_ioa_thresh)
     model = MaskRCNN(preprocess, backbone, rpn, roi_heads, rh.num_classes, rpn_levels, roi_levels, mh.paste_style,
                      mh.mask_threshold, m.channels_last)
     return model.to(memory_format=torch.channels_last) if m.channels_last else model

@@ -70,7 +70,7 @@ class MaskRCNN(nn.Module):
         if self.training:
             assert targets is not None
             targets = [{k: (v.to(batch.device) if hasattr(v, "to") else v) for k, v in t.items()} for t in targets]
-            proposals, losses = self.rpn(rpn_feats, batch.shape[-2:], sizes, [t["boxes"] for t in targets])
+            proposals, losses = self.rpn(rpn_feats, batch.shape[-2:], sizes, targets)
             _, roi_losses = self.roi_heads(roi_feats, proposals, sizes, targets)
             losses.update(roi_losses)
             return losses

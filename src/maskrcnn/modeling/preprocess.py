@@ -115,6 +115,10 @@ class ImagePreprocessor(nn.Module):
             if bad.numel():
                 raise ValueError(f"targets[{i}]['boxes'] rows {bad[:5].tolist()} have zero or negative width/height "
                                  f"(e.g. {boxes[bad[0]].tolist()}); drop degenerate boxes before training")
+            crowd = t.get("crowd_boxes")
+            if crowd is not None and (not isinstance(crowd, Tensor) or crowd.dim() != 2 or crowd.shape[1] != 4
+                                      or not crowd.is_floating_point() or not bool(torch.isfinite(crowd).all())):
+                raise ValueError(f"targets[{i}]['crowd_boxes'] must be a finite float (C, 4) tensor")
             if labels.numel() and (int(labels.min()) < 1 or int(labels.max()) > num_classes):
                 raise ValueError(f"targets[{i}]['labels'] must be in 1..{num_classes} (0 is background), "
                                  f"got values in {int(labels.min())}..{int(labels.max())}")
@@ -162,7 +166,9 @@ class ImagePreprocessor(nn.Module):
             x = self._to_network(img, dtype)
             if self.resize:
                 if self.training:
-                    pick = int(torch.randint(len(self.min_size_train), ()))
+                    seed = targets[i].get("seed") if targets is not None else None
+                    gen = torch.Generator().manual_seed(int(seed) * 7919 + 3) if seed is not None else None
+                    pick = int(torch.randint(len(self.min_size_train), (), generator=gen))
                     x = self._resize(x, self.min_size_train[pick], self.max_size_train)
                 else:
                     x = self._resize(x, self.min_size_test, self.max_size_test)
@@ -178,7 +184,9 @@ class ImagePreprocessor(nn.Module):
             return t
         sy, sx = new[0] / old[0], new[1] / old[1]
         t = dict(t)
-        t["boxes"] = t["boxes"] * torch.tensor([sx, sy, sx, sy], dtype=t["boxes"].dtype, device=t["boxes"].device)
+        for key in ("boxes", "crowd_boxes"):
+            if key in t:
+                t[key] = t[key] * torch.tensor([sx, sy, sx, sy], dtype=t[key].dtype, device=t[key].device)
         masks = t.get("masks")
         if isinstance(masks, PolygonMasks):
             t["masks"] = masks.scale(sx, sy)

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from maskrcnn.modeling.anchors import AnchorGenerator
 from maskrcnn.modeling.conv import ConvNorm
 from maskrcnn.modeling.losses import box_regression_loss
-from maskrcnn.modeling.matching import BalancedSampler, Matcher, Sampler
+from maskrcnn.modeling.matching import BalancedSampler, Matcher, Sampler, ignore_crowd
 from maskrcnn.ops.nms import batched_nms_unchecked
 from maskrcnn.structures.boxes import BoxCoder, clip_boxes_to_image, pairwise_iou
 
@@ -63,6 +63,7 @@ class RPN(nn.Module):
             logit (detectron2). The order is the same except where float precision saturates the
             sigmoid (logits above ~17 in float32 all become 1.0) and ties are broken by position.
         smooth_l1_beta, loss_normalizer ("sampled" or "batch"): see the module docstring.
+        crowd_ioa_thresh: negative anchors this much inside a crowd region are ignored.
     """
 
     def __init__(self, head: RPNHead, anchor_generator: AnchorGenerator, fg_iou: float = 0.7, bg_iou: float = 0.3,
@@ -72,14 +73,14 @@ class RPN(nn.Module):
                  box_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0),
                  smooth_l1_beta: float = 1 / 9, loss_normalizer: str = "sampled",
                  objectness_loss_weight: float = 1.0, box_loss_weight: float = 1.0,
-                 nms_on_probability: bool = True) -> None:
+                 nms_on_probability: bool = True, crowd_ioa_thresh: float = 0.7) -> None:
         super().__init__()
         if loss_normalizer not in ("sampled", "batch"):
             raise ValueError(f"RPN loss_normalizer must be 'sampled' or 'batch', got {loss_normalizer!r}")
         self.head = head
         self.anchor_generator = anchor_generator
         self.matcher = Matcher(fg_iou, bg_iou, allow_low_quality_matches=True)
-        self.sampler: Sampler = BalancedSampler(batch_size_per_image, positive_fraction)
+        self.sampler: Sampler = BalancedSampler(batch_size_per_image, positive_fraction, salt=1)
         self.batch_size_per_image = batch_size_per_image
         self.box_coder = BoxCoder(box_weights)
         self.pre_nms_topk = tuple(pre_nms_topk)
@@ -91,11 +92,13 @@ class RPN(nn.Module):
         self.loss_normalizer = loss_normalizer
         self.loss_weights = (objectness_loss_weight, box_loss_weight)
         self.nms_on_probability = nms_on_probability
+        self.crowd_ioa_thresh = crowd_ioa_thresh
 
     def forward(self, features: Sequence[Tensor], padded_size: Sequence[int], image_sizes: Sequence[tuple[int, int]],
-                gt_boxes: Sequence[Tensor] | None = None) -> tuple[list[Tensor], dict[str, Tensor]]:
+                targets: Sequence[dict] | None = None) -> tuple[list[Tensor], dict[str, Tensor]]:
         """``features``: levels ``(N, C, H_l, W_l)``; ``padded_size``: batch (H, W); ``image_sizes``: each
-        image's size inside the padding; ``gt_boxes`` (training): per image ``(G_i, 4)``.
+        image's size inside the padding; ``targets`` (training): per image ``boxes (G_i, 4)`` and
+        optionally ``crowd_boxes (C_i, 4)`` and a sampling ``seed``.
         Returns per-image proposals ``(K_i, 4)`` and a dict of losses (empty at inference)."""
         logits, deltas = self.head(features)
         anchors = self.anchor_generator(padded_size, [f.shape[-2:] for f in features], features[0].dtype,
@@ -105,9 +108,9 @@ class RPN(nn.Module):
                                         image_sizes)
         losses: dict[str, Tensor] = {}
         if self.training:
-            if gt_boxes is None:
+            if targets is None:
                 raise ValueError("RPN: training needs ground-truth boxes")
-            losses = self._losses(torch.cat(anchors), torch.cat(logits, 1), torch.cat(deltas, 1), gt_boxes)
+            losses = self._losses(torch.cat(anchors), torch.cat(logits, 1), torch.cat(deltas, 1), targets)
         return proposals, losses
 
     def _proposals(self, anchors: list[Tensor], logits: list[Tensor], deltas: list[Tensor],
@@ -140,15 +143,16 @@ class RPN(nn.Module):
             out.append(b[keep])
         return out
 
-    def _losses(self, anchors: Tensor, logits: Tensor, deltas: Tensor, gt_boxes: Sequence[Tensor]) -> dict[str, Tensor]:
+    def _losses(self, anchors: Tensor, logits: Tensor, deltas: Tensor, gt: Sequence[dict]) -> dict[str, Tensor]:
         labels, targets = [], []
-        for gt in gt_boxes:
-            iou = pairwise_iou(gt.to(anchors.dtype), anchors).nan_to_num_(0.0)
+        for t in gt:
+            boxes = t["boxes"].to(anchors.dtype)
+            iou = pairwise_iou(boxes, anchors).nan_to_num_(0.0)
             matched, lab = self.matcher(iou)
-            labels.append(lab)
-            targets.append(gt.to(anchors.dtype)[matched] if gt.shape[0] else torch.zeros_like(anchors))
-        sampled = self.sampler(labels)
-        num_images = len(gt_boxes)
+            labels.append(ignore_crowd(lab, anchors, t.get("crowd_boxes"), self.crowd_ioa_thresh))
+            targets.append(boxes[matched] if boxes.shape[0] else torch.zeros_like(anchors))
+        sampled = self.sampler(labels, [t.get("seed") for t in gt])
+        num_images = len(gt)
         pos_img, pos_idx, all_img, all_idx, all_lab = [], [], [], [], []
         for i, (pos, neg) in enumerate(sampled):
             pos_img.append(torch.full_like(pos, i))

@@ -71,6 +71,7 @@ class BottleneckBlock(nn.Module):
 class Stem(nn.Module):
     """7x7 stride-2 conv, norm, ReLU, 3x3 stride-2 max pool: stride 4."""
 
+
     def __init__(self, norm: str, eps: float, out_channels: int = 64) -> None:
         super().__init__()
         self.conv1 = ConvNorm(3, out_channels, 7, 2, 3, norm=make_norm(norm, out_channels, eps), relu=True)
@@ -97,18 +98,22 @@ def freeze(module: nn.Module) -> nn.Module:
 
 
 def make_stage(depth: int, stage: int, in_channels: int, stride: int, norm: str, eps: float, groups: int,
-               width_per_group: int, stride_in_1x1: bool) -> tuple[nn.Sequential, int]:
-    """Stage ``stage`` (0 = res2 .. 3 = res5) of a ResNet: ``(module, out_channels)``."""
+               width_per_group: int, stride_in_1x1: bool, res2_channels: int = 0) -> tuple[nn.Sequential, int]:
+    """Stage ``stage`` (0 = res2 .. 3 = res5) of a ResNet: ``(module, out_channels)``.
+
+    ``res2_channels``: output channels of res2 (doubling per stage); 0 for the standard 256
+    (bottleneck) or 64 (basic blocks). Smaller values make the thin trunks of ``maskrcnn demo``.
+    """
     if depth not in DEPTHS:
         raise ValueError(f"ResNet depth must be one of {sorted(DEPTHS)}, got {depth}")
     blocks, bottleneck = DEPTHS[depth]
     scale = 2 ** stage
     if bottleneck:
-        block_cls, out_channels = BottleneckBlock, 256 * scale
+        block_cls, out_channels = BottleneckBlock, (res2_channels or 256) * scale
     else:
         if groups != 1 or width_per_group != 64:
             raise ValueError("ResNeXt (groups > 1) needs bottleneck blocks: depth 50 or more")
-        block_cls, out_channels = BasicBlock, 64 * scale
+        block_cls, out_channels = BasicBlock, (res2_channels or 64) * scale
     mods = []
     for i in range(blocks[stage]):
         mods.append(block_cls(in_channels, out_channels, stride if i == 0 else 1, norm=norm, eps=eps,
@@ -124,6 +129,7 @@ class ResNet(nn.Module):
     Args:
         depth: 18, 34, 50, 101 or 152.
         groups, width_per_group: ResNeXt cardinality and width (1, 64 for ResNet; 32, 8 for X-101-32x8d).
+        stem_channels, res2_channels: trunk widths (64 and 0 = standard); smaller for thin CPU models.
         norm, norm_eps: see :func:`maskrcnn.modeling.norm.make_norm`.
         stride_in_1x1: see the module docstring.
         freeze_at: 0 trains everything, 1 freezes the stem, k >= 2 also res2..res{k}.
@@ -133,22 +139,22 @@ class ResNet(nn.Module):
 
     def __init__(self, depth: int = 50, groups: int = 1, width_per_group: int = 64, norm: str = "FrozenBN",
                  norm_eps: float = 1e-5, stride_in_1x1: bool = False, freeze_at: int = 2,
-                 out_features: Sequence[str] = STAGES) -> None:
+                 out_features: Sequence[str] = STAGES, stem_channels: int = 64, res2_channels: int = 0) -> None:
         super().__init__()
         unknown = [f for f in out_features if f not in STAGES]
         if unknown or not out_features:
             raise ValueError(f"ResNet out_features must be a non-empty subset of {STAGES}, got {tuple(out_features)}")
         if not 0 <= freeze_at <= 5:
             raise ValueError(f"ResNet freeze_at must be in 0..5, got {freeze_at}")
-        self.stem = Stem(norm, norm_eps)
+        self.stem = Stem(norm, norm_eps, stem_channels)
         self.out_features = tuple(out_features)
         self.out_channels: dict[str, int] = {}
         self.strides = {name: 4 * 2 ** i for i, name in enumerate(STAGES)}
         last = max(STAGES.index(f) for f in out_features)
-        channels = 64
+        channels = stem_channels
         for i, name in enumerate(STAGES[: last + 1]):
             stage, channels = make_stage(depth, i, channels, 1 if i == 0 else 2, norm, norm_eps, groups,
-                                         width_per_group, stride_in_1x1)
+                                         width_per_group, stride_in_1x1, res2_channels)
             self.add_module(name, stage)
             self.out_channels[name] = channels
         self._init_weights()

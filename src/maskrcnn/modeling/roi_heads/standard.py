@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from maskrcnn.modeling.matching import BalancedSampler, Matcher, Sampler
+from maskrcnn.modeling.matching import BalancedSampler, Matcher, Sampler, ignore_crowd
 from maskrcnn.modeling.poolers import MultiLevelRoIPooler
 from maskrcnn.modeling.roi_heads.box_head import FastRCNNPredictor, box_losses, detections_from_predictions
 from maskrcnn.modeling.roi_heads.mask_head import mask_loss, mask_probabilities, mask_targets
@@ -49,6 +49,7 @@ class StandardROIHeads(nn.Module):
         score_thresh, nms_thresh, detections_per_image, min_size: inference (0.05, 0.5, 100, 1e-2).
         mask_target_aligned, mask_target_sampling, mask_target_binarize: how bitmap ground truth is
             cropped into mask targets (see :func:`mask_targets`).
+        crowd_ioa_thresh: background proposals this much inside a crowd region are not sampled.
     """
 
     def __init__(self, box_pooler: MultiLevelRoIPooler, box_head: nn.Module, box_predictor: FastRCNNPredictor,
@@ -58,7 +59,7 @@ class StandardROIHeads(nn.Module):
                  box_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0), smooth_l1_beta: float = 1 / 9,
                  score_thresh: float = 0.05, nms_thresh: float = 0.5, detections_per_image: int = 100,
                  min_size: float = 1e-2, mask_target_aligned: bool = False, mask_target_sampling: int = -1,
-                 mask_target_binarize: bool = False) -> None:
+                 mask_target_binarize: bool = False, crowd_ioa_thresh: float = 0.7) -> None:
         super().__init__()
         self.box_pooler = box_pooler
         self.box_head = box_head
@@ -67,7 +68,7 @@ class StandardROIHeads(nn.Module):
         self.mask_head = mask_head
         self.num_classes = num_classes
         self.matcher = Matcher(fg_iou, bg_iou, allow_low_quality_matches=False)
-        self.sampler: Sampler = BalancedSampler(batch_size_per_image, positive_fraction)
+        self.sampler: Sampler = BalancedSampler(batch_size_per_image, positive_fraction, salt=2)
         self.append_gt = append_gt
         self.box_coder = BoxCoder(box_weights)
         self.smooth_l1_beta = smooth_l1_beta
@@ -77,6 +78,7 @@ class StandardROIHeads(nn.Module):
         self.min_size = min_size
         self.mask_target = dict(aligned=mask_target_aligned, sampling_ratio=mask_target_sampling,
                                 binarize=mask_target_binarize)
+        self.crowd_ioa_thresh = crowd_ioa_thresh
 
     @property
     def mask_on(self) -> bool:
@@ -92,13 +94,15 @@ class StandardROIHeads(nn.Module):
             m, lab = self.matcher(pairwise_iou(gt, props).nan_to_num_(0.0))
             cls = tgt["labels"][m] if gt.shape[0] else torch.zeros_like(m)
             cls = torch.where(lab == 1, cls, torch.where(lab == 0, 0, -1))
+            lab = ignore_crowd(lab, props, tgt.get("crowd_boxes"), self.crowd_ioa_thresh)
+            cls = torch.where(lab == -1, -1, cls)
             boxes.append(props)
             labels.append(cls)
             matched.append(m)
             binary.append(lab)
             target_boxes.append(gt[m] if gt.shape[0] else torch.zeros_like(props))
         out_boxes, out_labels, out_matched, out_targets = [], [], [], []
-        for i, (pos, neg) in enumerate(self.sampler(binary)):
+        for i, (pos, neg) in enumerate(self.sampler(binary, [t.get("seed") for t in targets])):
             idx = torch.cat([pos, neg]).sort().values  # proposal order, as torchvision
             out_boxes.append(boxes[i][idx])
             out_labels.append(labels[i][idx])

@@ -1,0 +1,283 @@
+"""COCO-format instance datasets: reading, validating, and mapping category ids to model labels.
+
+Category ids are mapped to the model's labels 1..K by a :class:`ClassMap` built from the file's
+categories (or given, for a validation set: the training set's).
+
+Validation happens when the JSON is read. A problem that concerns one annotation or image (an
+unknown image or category id, a box with no area or outside its image, a polygon with fewer than
+three points or no area, an RLE of the wrong size, a missing image file) is either skipped and
+recorded in ``dataset.report`` (``on_bad_sample="skip"``) or raised (``"error"``), with the file
+and the annotation id. A problem with the file itself (unreadable, not JSON, no images) is
+always an error.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from maskrcnn.data.transforms import BadImageError, hflip, load_image
+from maskrcnn.structures.class_map import ClassMap
+from maskrcnn.structures.masks import PolygonMasks, decode_rle
+
+__all__ = ["ClassMap", "CocoDataset", "DatasetError", "ImageRecord", "polygon_self_intersects"]
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used, with the reason."""
+
+
+@dataclass
+class ImageRecord:
+    image_id: int
+    path: Path
+    height: int
+    width: int
+    boxes: list[list[float]] = field(default_factory=list)  # XYXY, clipped to the image
+    labels: list[int] = field(default_factory=list)
+    segmentations: list = field(default_factory=list)  # polygons (list of rings) or RLE dicts
+    crowd_boxes: list[list[float]] = field(default_factory=list)
+
+
+def _polygon_area(ring: np.ndarray) -> float:
+    x, y = ring[:, 0], ring[:, 1]
+    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+
+
+def polygon_self_intersects(ring: np.ndarray) -> bool:
+    """Whether two non-adjacent edges of the closed polygon ``ring: (V, 2)`` cross."""
+    a, b = ring, np.roll(ring, -1, axis=0)
+    n = len(ring)
+    if n < 4:
+        return False
+
+    def orient(p, q, r):
+        return np.sign((q[..., 0] - p[..., 0]) * (r[..., 1] - p[..., 1]) - (q[..., 1] - p[..., 1]) * (r[..., 0] - p[..., 0]))
+
+    i, j = np.triu_indices(n, k=2)
+    keep = ~((i == 0) & (j == n - 1))  # the first and last edges share a vertex
+    i, j = i[keep], j[keep]
+    o1 = orient(a[i], b[i], a[j])
+    o2 = orient(a[i], b[i], b[j])
+    o3 = orient(a[j], b[j], a[i])
+    o4 = orient(a[j], b[j], b[i])
+    return bool(((o1 * o2 < 0) & (o3 * o4 < 0)).any())
+
+
+class CocoDataset(Dataset):
+    """Images and instance annotations of a COCO ``instances_*.json``.
+
+    Args:
+        json_path, image_dir: the annotation file and the folder its ``file_name`` values are in.
+        class_map: map category ids to labels; default: all categories of this file (pass the
+            training set's map when reading a validation set, so labels agree).
+        train: enables the random flip (``flip_prob``) and drops images without annotations
+            unless ``keep_empty``.
+        on_bad_sample: ``"skip"`` (record in ``report``) or ``"error"``.
+        mask_format: ``"polygon"`` keeps polygons (rasterised at target resolution by the model);
+            images with RLE masks, or ``"bitmap"``, give ``(G, H, W)`` uint8 bitmaps.
+        flip_map: keypoint index permutation for the flip (keypoint datasets).
+
+    ``dataset[i]`` or ``dataset[(i, seed)]`` -> ``(image (3, H, W) uint8, target)``; the target has
+    ``boxes``, ``labels``, ``masks``, ``crowd_boxes``, ``image_id`` and, given one, the ``seed``
+    that decides the flip and the model's sampling for this sample.
+    """
+
+    def __init__(self, json_path: str | Path, image_dir: str | Path, class_map: ClassMap | None = None,
+                 train: bool = False, keep_empty: bool = True, on_bad_sample: str = "skip",
+                 mask_format: str = "polygon", flip_prob: float = 0.5, flip_map: Sequence[int] | None = None) -> None:
+        if on_bad_sample not in ("skip", "error"):
+            raise ValueError(f"on_bad_sample must be 'skip' or 'error', got {on_bad_sample!r}")
+        self.json_path, self.image_dir = Path(json_path), Path(image_dir)
+        self.train, self.on_bad_sample, self.mask_format = train, on_bad_sample, mask_format
+        self.flip_prob, self.flip_map = flip_prob, flip_map
+        self.report: list[str] = []
+        data = self._read_json()
+        self.class_map = class_map or ClassMap.from_categories(data["categories"])
+        self.records = self._parse(data, keep_empty or not train)
+        if not self.records:
+            raise DatasetError(f"{self.json_path}: no usable images"
+                               + (f" ({len(self.report)} problems: {self.report[:3]})" if self.report else ""))
+        if self.report:
+            warnings.warn(f"{self.json_path}: skipped {len(self.report)} bad annotations/images, e.g. "
+                          f"{self.report[:3]} (see dataset.report)", stacklevel=2)
+
+    # -- reading -------------------------------------------------------------------------------------
+    def _read_json(self) -> dict:
+        if not self.json_path.is_file():
+            raise DatasetError(f"annotation file not found: {self.json_path}")
+        try:
+            data = json.loads(self.json_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DatasetError(f"{self.json_path}: not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise DatasetError(f"{self.json_path}: expected a JSON object with images/annotations/categories")
+        for key in ("images", "categories"):
+            if not isinstance(data.get(key), list):
+                raise DatasetError(f"{self.json_path}: missing or malformed '{key}' list")
+        if not isinstance(data.get("annotations", []), list):
+            raise DatasetError(f"{self.json_path}: 'annotations' must be a list")
+        if not data["categories"]:
+            raise DatasetError(f"{self.json_path}: no categories")
+        for c in data["categories"]:
+            if not isinstance(c, dict) or not isinstance(c.get("id"), int):
+                raise DatasetError(f"{self.json_path}: every category needs an integer 'id', got {c!r}")
+        return data
+
+    def _bad(self, msg: str) -> None:
+        if self.on_bad_sample == "error":
+            raise DatasetError(f"{self.json_path}: {msg}")
+        self.report.append(msg)
+
+    def _parse(self, data: dict, keep_empty: bool) -> list[ImageRecord]:
+        records: dict[int, ImageRecord] = {}
+        self._all_image_ids = {im.get("id") for im in data["images"] if isinstance(im, dict)}
+        for im in data["images"]:
+            try:
+                rec = ImageRecord(int(im["id"]), self.image_dir / str(im["file_name"]), int(im["height"]),
+                                  int(im["width"]))
+            except (KeyError, TypeError, ValueError):
+                self._bad(f"image entry {im!r} needs id, file_name, height and width")
+                continue
+            if rec.height <= 0 or rec.width <= 0:
+                self._bad(f"image {rec.image_id} has size {rec.width}x{rec.height}")
+                continue
+            if not rec.path.is_file():
+                self._bad(f"image {rec.image_id}: file not found: {rec.path}")
+                continue
+            records[rec.image_id] = rec
+        for ann in data.get("annotations", []):
+            self._add_annotation(ann, records)
+        return [r for r in records.values() if keep_empty or r.boxes]
+
+    def _add_annotation(self, ann: dict, records: dict[int, ImageRecord]) -> None:
+        if not isinstance(ann, dict):
+            self._bad(f"annotation {ann!r} is not an object")
+            return
+        aid = ann.get("id", "?")
+        rec = records.get(ann.get("image_id"))  # type: ignore[arg-type]
+        if rec is None:
+            if ann.get("image_id") not in self._all_image_ids:
+                self._bad(f"annotation {aid}: unknown image_id {ann.get('image_id')!r}")
+            return  # (its image was skipped and reported already)
+        if ann.get("category_id") not in self.class_map:
+            self._bad(f"annotation {aid}: unknown category_id {ann.get('category_id')!r}")
+            return
+        try:
+            x, y, w, h = (float(v) for v in ann["bbox"])
+        except (KeyError, TypeError, ValueError):
+            self._bad(f"annotation {aid}: 'bbox' must be [x, y, width, height], got {ann.get('bbox')!r}")
+            return
+        if not all(np.isfinite([x, y, w, h])) or w <= 0 or h <= 0:
+            self._bad(f"annotation {aid}: box {[x, y, w, h]} has no area or is not finite")
+            return
+        box = [max(x, 0.0), max(y, 0.0), min(x + w, float(rec.width)), min(y + h, float(rec.height))]
+        if box[2] <= box[0] or box[3] <= box[1]:
+            self._bad(f"annotation {aid}: box {[x, y, w, h]} lies outside its {rec.width}x{rec.height} image")
+            return
+        if ann.get("iscrowd", 0):
+            rec.crowd_boxes.append(box)
+            return
+        seg = self._segmentation(ann, rec)
+        if seg is None:
+            return
+        rec.boxes.append(box)
+        rec.labels.append(self.class_map.label(ann["category_id"]))
+        rec.segmentations.append(seg)
+
+    def _segmentation(self, ann: dict, rec: ImageRecord):
+        aid = ann.get("id", "?")
+        seg = ann.get("segmentation")
+        if isinstance(seg, dict):
+            if list(seg.get("size", [])) != [rec.height, rec.width] or "counts" not in seg:
+                self._bad(f"annotation {aid}: RLE size {seg.get('size')} does not match its image "
+                          f"({rec.height}, {rec.width})")
+                return None
+            return seg
+        if not isinstance(seg, list) or not seg:
+            self._bad(f"annotation {aid}: missing segmentation")
+            return None
+        rings = []
+        for ring in seg:
+            try:
+                arr = np.asarray(ring, dtype=np.float64).reshape(-1)
+            except (TypeError, ValueError):
+                arr = np.zeros(0)
+            if arr.size < 6 or arr.size % 2 or not np.isfinite(arr).all():
+                continue
+            pts = arr.reshape(-1, 2)
+            crossing = polygon_self_intersects(pts)
+            # (a self-intersecting ring's signed area can cancel to 0 although it covers pixels)
+            if np.ptp(pts[:, 0]) <= 0 or np.ptp(pts[:, 1]) <= 0 or (_polygon_area(pts) <= 0 and not crossing):
+                continue
+            if crossing:
+                # rasterised with the even-odd rule by pycocotools and by us alike: kept, but reported
+                self.report.append(f"annotation {aid}: self-intersecting polygon (kept, even-odd fill)")
+            rings.append(arr.tolist())
+        if not rings:
+            self._bad(f"annotation {aid}: no polygon with 3 or more points and a non-zero area")
+            return None
+        return rings
+
+    # -- access --------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def aspect_wide(self) -> list[bool]:
+        """Per image: wider than tall (for aspect-ratio grouping)."""
+        return [r.width >= r.height for r in self.records]
+
+    def target(self, index: int) -> dict:
+        rec = self.records[index]
+        n = len(rec.boxes)
+        target = {"boxes": torch.tensor(rec.boxes, dtype=torch.float32).reshape(n, 4),
+                  "labels": torch.tensor(rec.labels, dtype=torch.int64),
+                  "crowd_boxes": torch.tensor(rec.crowd_boxes, dtype=torch.float32).reshape(-1, 4),
+                  "image_id": rec.image_id}
+        polygons = all(isinstance(s, list) for s in rec.segmentations)
+        if n and polygons and self.mask_format == "polygon":
+            target["masks"] = PolygonMasks.from_coco(rec.segmentations)
+        else:
+            target["masks"] = self._bitmaps(rec)
+        return target
+
+    @staticmethod
+    def _bitmaps(rec: ImageRecord) -> Tensor:
+        from pycocotools import mask as mask_utils
+
+        rles = []
+        for s in rec.segmentations:
+            if isinstance(s, list):
+                rles.append(mask_utils.merge(mask_utils.frPyObjects(s, rec.height, rec.width)))
+            else:
+                rles.append(s)
+        return decode_rle(rles, rec.height, rec.width) if rles else torch.zeros((0, rec.height, rec.width),
+                                                                                dtype=torch.uint8)
+
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[Tensor, dict]:
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        for attempt in range(len(self.records)):
+            i = (index + attempt) % len(self.records)
+            rec = self.records[i]
+            try:
+                image = load_image(rec.path, (rec.height, rec.width))
+            except BadImageError as e:
+                if self.on_bad_sample == "error":
+                    raise
+                warnings.warn(f"{e}; using the next image instead", stacklevel=2)
+                continue
+            target = self.target(i)
+            if seed is not None:
+                target["seed"] = int(seed)
+                if self.train and np.random.default_rng(seed).random() < self.flip_prob:
+                    image, target = hflip(image, target, self.flip_map)
+            return image, target
+        raise DatasetError(f"{self.json_path}: none of the images could be read")

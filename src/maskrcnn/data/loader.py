@@ -1,0 +1,84 @@
+"""Batching for training and evaluation, on one process or many.
+
+Training draws an endless stream of *global* batches (``ims_per_batch`` images over all processes)
+from a seeded shuffle per epoch, optionally grouping images of the same orientation (wide or
+tall) so that padding wastes little; each process takes its slice of every global batch. Every
+sample carries a seed derived from (run seed, iteration, position in the batch) that decides its
+flip and the model's anchor/RoI sampling. So the run is a function of the config alone: the same
+on 1 process or N, and resuming at iteration k replays exactly what an uninterrupted run does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+class TrainingBatchSampler(Sampler):
+    """Yields, per iteration from ``start_iter``, this rank's list of ``(index, seed)``."""
+
+    def __init__(self, aspect_wide: Sequence[bool], ims_per_batch: int, seed: int = 0, grouping: bool = True,
+                 rank: int = 0, world_size: int = 1, start_iter: int = 0) -> None:
+        if ims_per_batch % world_size:
+            raise ValueError(f"solver.ims_per_batch ({ims_per_batch}) must be divisible by the number of "
+                             f"processes ({world_size})")
+        if not aspect_wide:
+            raise ValueError("cannot sample from an empty dataset")
+        self.wide = list(aspect_wide)
+        self.batch, self.seed, self.grouping = ims_per_batch, seed, grouping
+        self.rank, self.world_size, self.start_iter = rank, world_size, start_iter
+
+    def _global_batches(self) -> Iterator[list[int]]:
+        epoch = 0
+        while True:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(len(self.wide), generator=g).tolist()
+            if not self.grouping:
+                for k in range(0, len(order) - self.batch + 1, self.batch):
+                    yield order[k:k + self.batch]
+                if len(order) < self.batch:  # a dataset smaller than a batch: repeat it
+                    yield [order[k % len(order)] for k in range(self.batch)]
+            else:
+                buckets: dict[bool, list[int]] = {True: [], False: []}
+                for i in order:
+                    bucket = buckets[self.wide[i]]
+                    bucket.append(i)
+                    if len(bucket) == self.batch:
+                        yield list(bucket)
+                        bucket.clear()
+                if len(order) < self.batch:
+                    yield [order[k % len(order)] for k in range(self.batch)]
+            epoch += 1
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        per_rank = self.batch // self.world_size
+        for it, batch in enumerate(self._global_batches()):
+            if it < self.start_iter:
+                continue
+            mine = range(self.rank * per_rank, (self.rank + 1) * per_rank)
+            yield [(batch[p], (self.seed * 1_000_003 + it) * 1024 + p) for p in mine]
+
+    def __len__(self) -> int:  # endless; DataLoader needs a number
+        return 2**62
+
+
+def collate(batch: list) -> tuple[list, list]:
+    return [b[0] for b in batch], [b[1] for b in batch]
+
+
+def training_loader(dataset: Dataset, aspect_wide: Sequence[bool], ims_per_batch: int, seed: int, grouping: bool,
+                    num_workers: int, rank: int = 0, world_size: int = 1, start_iter: int = 0) -> DataLoader:
+    sampler = TrainingBatchSampler(aspect_wide, ims_per_batch, seed, grouping, rank, world_size, start_iter)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+                      persistent_workers=num_workers > 0, prefetch_factor=2 if num_workers > 0 else None)
+
+
+def inference_loader(dataset: Dataset, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                     limit: int = 0) -> DataLoader:
+    """One image per batch, images ``rank, rank + world_size, ...`` (each rank a disjoint shard)."""
+    n = len(dataset) if limit <= 0 else min(limit, len(dataset))
+    indices = list(range(rank, n, world_size))
+    return DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=1, collate_fn=collate,
+                      num_workers=num_workers)

@@ -1,0 +1,1 @@
+"""Training, evaluation loops, checkpoints and the predictor."""

@@ -1,0 +1,88 @@
+"""``Predictor``: load a checkpoint once, then predict on image files, PIL images, arrays or tensors.
+
+Outputs carry the dataset's own category ids and class names (from the checkpoint's class map)
+next to the model's labels, so predictions can be written straight into COCO results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from maskrcnn.build import build_model
+from maskrcnn.config import Config, merge
+from maskrcnn.data.coco import ClassMap
+from maskrcnn.data.transforms import load_image
+from maskrcnn.engine.checkpoint import load_checkpoint
+from maskrcnn.modeling.detector import MaskRCNN
+
+ImageLike = str | Path | Image.Image | np.ndarray | Tensor
+
+
+def config_of(state: dict) -> Config:
+    """The full config stored in a checkpoint (unknown keys are errors, as everywhere)."""
+    return merge(Config(), state["config"])
+
+
+def to_image_tensor(image: ImageLike) -> Tensor:
+    """Any supported image -> ``(3, H, W)`` uint8 RGB (paths honour EXIF orientation)."""
+    if isinstance(image, (str, Path)):
+        return load_image(image)
+    if isinstance(image, Image.Image):
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            image = np.repeat(image[:, :, None], 3, axis=2)
+        if image.ndim != 3 or image.shape[2] not in (3, 4):
+            raise ValueError(f"an image array must be (H, W, 3) RGB, got shape {image.shape}")
+        arr = image[:, :, :3]
+        t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+        return t if arr.dtype == np.uint8 else t.float()
+    if isinstance(image, Tensor):
+        return image
+    raise TypeError(f"cannot read an image from {type(image).__name__}")
+
+
+class Predictor:
+    """Predict with a trained checkpoint.
+
+    Args:
+        checkpoint: a file written by ``maskrcnn train`` or ``maskrcnn convert``.
+        device: "auto", "cpu", "cuda", ...
+        overrides: dotted config overrides for inference, e.g. ``["model.roi_heads.score_thresh=0.5"]``.
+    """
+
+    def __init__(self, checkpoint: str | Path, device: str = "auto", overrides: Sequence[str] = ()) -> None:
+        from maskrcnn.config import apply_overrides
+
+        state = load_checkpoint(checkpoint)
+        self.cfg = apply_overrides(config_of(state), list(overrides))
+        self.class_map = ClassMap.from_dict(state["classes"])
+        if self.cfg.model.roi_heads.num_classes != self.class_map.num_classes:
+            raise ValueError(f"{checkpoint}: config has {self.cfg.model.roi_heads.num_classes} classes but the class "
+                             f"map {self.class_map.num_classes}")
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                   ("cpu" if device == "auto" else device))
+        self.model: MaskRCNN = build_model(self.cfg)
+        self.model.load_state_dict(state["model"])
+        self.model.to(self.device).eval()
+
+    def __call__(self, image: ImageLike) -> dict:
+        return self.predict([image])[0]
+
+    @torch.no_grad()
+    def predict(self, images: Sequence[ImageLike]) -> list[dict]:
+        """Per image: ``boxes, scores, labels, masks`` as the model returns them, plus
+        ``category_ids`` (the dataset's ids) and ``class_names``."""
+        tensors = [to_image_tensor(im).to(self.device) for im in images]
+        outputs = self.model(tensors)
+        for out in outputs:
+            labels = out["labels"].tolist()
+            out["category_ids"] = [self.class_map.category_id(v) for v in labels]
+            out["class_names"] = [self.class_map.name(v) for v in labels]
+        return outputs

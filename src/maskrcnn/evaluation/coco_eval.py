@@ -1,0 +1,140 @@
+"""COCO evaluation through pycocotools: the standard 12-number summary and per-class AP.
+
+Predictions (labels 1..K, boxes in original image pixels, masks bool) are converted to COCO's
+results format with the dataset's own category ids (through the :class:`ClassMap`), optionally
+gathered from all processes, written to ``<output_dir>/coco_<type>_results.json`` and scored by
+``COCOeval``; the numbers are pycocotools' own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from maskrcnn.data.coco import ClassMap
+
+SUMMARY = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+KEYPOINT_SUMMARY = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
+
+
+def _quiet():
+    return contextlib.redirect_stdout(io.StringIO())
+
+
+def instances_to_coco(output: dict[str, Tensor], image_id: int, class_map: ClassMap) -> list[dict]:
+    """One image's predictions -> COCO result dicts (``bbox`` XYWH, ``segmentation`` RLE, ``keypoints``)."""
+    boxes = output["boxes"].detach().float().cpu()
+    scores = output["scores"].detach().float().cpu().tolist()
+    labels = output["labels"].detach().cpu().tolist()
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    rles = None
+    if "masks" in output and len(labels):
+        from pycocotools import mask as mask_utils
+
+        masks = output["masks"][:, 0] if output["masks"].dim() == 4 else output["masks"]
+        masks = masks >= 0.5 if masks.is_floating_point() else masks.bool()
+        arr = np.asfortranarray(masks.cpu().numpy().transpose(1, 2, 0).astype(np.uint8))
+        rles = mask_utils.encode(arr)
+    results = []
+    for k in range(len(labels)):
+        r = {"image_id": int(image_id), "category_id": class_map.category_id(labels[k]), "bbox": xywh[k],
+             "score": scores[k]}
+        if rles is not None:
+            r["segmentation"] = {"size": [int(v) for v in rles[k]["size"]], "counts": rles[k]["counts"].decode("ascii")}
+        if "keypoints" in output:
+            r["keypoints"] = output["keypoints"][k].detach().float().cpu().reshape(-1).tolist()
+        results.append(r)
+    return results
+
+
+def _per_class_ap(coco_eval, class_map: ClassMap) -> dict[str, float]:
+    precision = coco_eval.eval["precision"]  # (iou thresholds, recall points, classes, areas, max dets)
+    out = {}
+    for k, cat_id in enumerate(coco_eval.params.catIds):
+        p = precision[:, :, k, 0, -1]
+        p = p[p > -1]
+        name = class_map.names[class_map.ids.index(cat_id)] if cat_id in class_map else str(cat_id)
+        out[name] = float(p.mean()) if p.size else float("nan")
+    return out
+
+
+class COCOEvaluator:
+    """Accumulate predictions with :meth:`process`, then :meth:`evaluate` (rank 0 returns the numbers)."""
+
+    def __init__(self, json_path: str | Path, class_map: ClassMap, iou_types: Sequence[str] = ("bbox", "segm"),
+                 output_dir: str | Path | None = None) -> None:
+        from pycocotools.coco import COCO
+
+        self.json_path = Path(json_path)
+        with _quiet():
+            self.coco = COCO(str(self.json_path))
+        self.class_map = class_map
+        self.iou_types = tuple(iou_types)
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.results: list[dict] = []
+        self.image_ids: list[int] = []
+
+    def reset(self) -> None:
+        self.results, self.image_ids = [], []
+
+    def process(self, outputs: Sequence[dict[str, Tensor]], image_ids: Sequence[int]) -> None:
+        for out, image_id in zip(outputs, image_ids):
+            self.results.extend(instances_to_coco(out, image_id, self.class_map))
+            self.image_ids.append(int(image_id))
+
+    def _gather(self) -> tuple[list[dict], list[int]]:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self.results, self.image_ids
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (self.results, self.image_ids))
+        return [r for res, _ in gathered for r in res], [i for _, ids in gathered for i in ids]
+
+    def evaluate(self) -> dict[str, dict]:
+        """``{"bbox": {"AP": ..., (12 numbers), "per_class": {name: AP}}, "segm": {...}}`` (empty on ranks > 0)."""
+        import torch.distributed as dist
+        from pycocotools.cocoeval import COCOeval
+
+        results, image_ids = self._gather()
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return {}
+        metrics: dict[str, dict] = {}
+        for iou_type in self.iou_types:
+            res = [r for r in results if iou_type != "segm" or "segmentation" in r]
+            res = [r for r in res if iou_type != "keypoints" or "keypoints" in r]
+            if self.output_dir is not None:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                (self.output_dir / f"coco_{iou_type}_results.json").write_text(json.dumps(res))
+            names = KEYPOINT_SUMMARY if iou_type == "keypoints" else SUMMARY
+            if not res:  # pycocotools cannot load an empty result list: nothing detected is AP 0
+                metrics[iou_type] = {n: 0.0 for n in names} | {"per_class": {n: 0.0 for n in self.class_map.names}}
+                continue
+            with _quiet():
+                dt = self.coco.loadRes(res)
+                ev = COCOeval(self.coco, dt, iou_type)
+                ev.params.imgIds = sorted(set(image_ids))
+                ev.evaluate()
+                ev.accumulate()
+                ev.summarize()
+            metrics[iou_type] = {n: float(v) for n, v in zip(names, ev.stats)}
+            metrics[iou_type]["per_class"] = _per_class_ap(ev, self.class_map)
+        return metrics
+
+
+def format_metrics(metrics: dict[str, dict]) -> str:
+    """A plain-text table of the summaries and per-class AP (values in %)."""
+    lines = []
+    for iou_type, m in metrics.items():
+        names = [n for n in m if n != "per_class"]
+        lines.append(f"{iou_type}: " + "  ".join(f"{n} {100 * m[n]:.1f}" for n in names))
+        if m.get("per_class"):
+            lines.append("  per class AP: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in m["per_class"].items()))
+    return "\n".join(lines)

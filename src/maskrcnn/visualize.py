@@ -1,0 +1,57 @@
+"""Draw predictions (or ground truth) over an image: translucent masks, boxes, class names and scores."""
+
+from __future__ import annotations
+
+import colorsys
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch import Tensor
+
+
+def class_color(label: int) -> tuple[int, int, int]:
+    """A stable, well-separated colour per class (golden-ratio hue steps)."""
+    h = (label * 0.618033988749895) % 1.0
+    r, g, b = colorsys.hsv_to_rgb(h, 0.75, 1.0)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def draw_instances(image: Image.Image | np.ndarray | Tensor, boxes: Tensor, labels: Sequence[int],
+                   names: Sequence[str], scores: Sequence[float] | None = None, masks: Tensor | None = None,
+                   alpha: float = 0.45) -> Image.Image:
+    """An RGB PIL image with the instances drawn; ``masks`` ``(N, H, W)`` or ``(N, 1, H, W)`` bool."""
+    if isinstance(image, Tensor):
+        arr = image.permute(1, 2, 0).cpu().numpy()
+        arr = (arr * 255).clip(0, 255).astype(np.uint8) if image.is_floating_point() else arr.astype(np.uint8)
+    elif isinstance(image, Image.Image):
+        arr = np.array(image.convert("RGB"))
+    else:
+        arr = np.asarray(image, dtype=np.uint8)
+    canvas = arr.astype(np.float32)
+    labels = [int(v) for v in labels]
+    if masks is not None and len(labels):
+        m = masks[:, 0] if masks.dim() == 4 else masks
+        m = (m >= 0.5 if m.is_floating_point() else m.bool()).cpu().numpy()
+        for k in range(len(labels)):
+            color = np.array(class_color(labels[k]), dtype=np.float32)
+            canvas[m[k]] = canvas[m[k]] * (1 - alpha) + color * alpha
+    out = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(out)
+    for k, box in enumerate(boxes.detach().cpu().tolist()):
+        color = class_color(labels[k])
+        draw.rectangle(box, outline=color, width=2)
+        text = names[k] + (f" {scores[k]:.2f}" if scores is not None else "")
+        x, y = box[0], max(box[1] - 12, 0)
+        w = draw.textlength(text)
+        draw.rectangle([x, y, x + w + 4, y + 12], fill=color)
+        draw.text((x + 2, y), text, fill=(0, 0, 0))
+    return out
+
+
+def overlay_ground_truth(image: Tensor, target: dict, names: Sequence[str]) -> Image.Image:
+    """The ground truth of a dataset sample, drawn like predictions (masks only if bitmaps)."""
+    masks = target.get("masks") if isinstance(target.get("masks"), torch.Tensor) else None
+    labels = target["labels"].tolist()
+    return draw_instances(image, target["boxes"], labels, [names[v - 1] for v in labels], masks=masks)
