@@ -25,6 +25,20 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from reference import run_reference  # noqa: E402
 
+# the timed loop, run by both interpreters on their own model, images and targets
+STEPS = """
+opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.001, momentum=0.9)
+times = []
+for _ in range(STEP_COUNT + 1):
+    t = time.perf_counter()
+    losses = model(IMAGES, TARGETS)
+    opt.zero_grad()
+    sum(losses.values()).backward()
+    opt.step()
+    times.append(time.perf_counter() - t)
+seconds = statistics.median(times[1:])
+"""
+
 TORCHVISION = """
 import resource, statistics, time
 from torchvision.models import resnet50
@@ -37,16 +51,9 @@ model = MaskRCNN(_resnet_fpn_extractor(resnet50(norm_layer=FrozenBatchNorm2d), 3
 randomize_norms(model, 0)
 torch.save(model.state_dict(), inputs["weights"])
 model.train()
-opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.001, momentum=0.9)
-times = []
-for _ in range(inputs["steps"] + 1):
-    t = time.perf_counter()
-    losses = model(inputs["images"], inputs["targets"])
-    opt.zero_grad()
-    sum(losses.values()).backward()
-    opt.step()
-    times.append(time.perf_counter() - t)
-outputs["seconds"] = statistics.median(times[1:])
+STEP_COUNT, IMAGES, TARGETS = inputs["steps"], inputs["images"], inputs["targets"]
+""" + STEPS + """
+outputs["seconds"] = seconds
 outputs["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 """
 
@@ -62,17 +69,9 @@ cfg = maskrcnn.get_config("torchvision_maskrcnn_resnet50_fpn", [
     f"model.input.min_size_train=[{size}]", f"model.input.max_size_train={int(size * 1333 / 800)}"])
 model = load_torchvision_detection(maskrcnn.build_model(cfg), args["weights"]).train()
 data = torch.load(args["data"])
-opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.001, momentum=0.9)
-times = []
-for _ in range(args["steps"] + 1):
-    t = time.perf_counter()
-    losses = model(data["images"], data["targets"])
-    opt.zero_grad()
-    sum(losses.values()).backward()
-    opt.step()
-    times.append(time.perf_counter() - t)
-print(json.dumps({"seconds": statistics.median(times[1:]),
-                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+STEP_COUNT, IMAGES, TARGETS = args["steps"], data["images"], data["targets"]
+""" + STEPS + """
+print(json.dumps({"seconds": seconds, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 
