@@ -102,3 +102,14 @@ def test_convert_torchvision_checkpoint(reference, tmp_path):
     assert pred.class_map.name(1) == "person" and pred.class_map.name(12) == "N/A" and pred.class_map.num_classes == 90
     out = pred(torch.rand(3, 64, 80))
     assert set(out) >= {"boxes", "masks", "category_ids", "class_names"}
+
+
+def test_cascade_preset_trains_evaluates_and_predicts_through_the_cli(tmp_path):
+    sets = _sets(tiny_train_overrides(tmp_path, ["solver.max_iter=2"]))
+    assert main(["train", "--config", "shapes_cascade_R_18_FPN", "--no-progress", *sets]) == 0
+    ckpt = tmp_path / "train" / "model_final.pth"
+    assert main(["eval", "--weights", str(ckpt), "--output", str(tmp_path / "eval")]) == 0
+    assert main(["predict", str(tmp_path / "shapes" / "val"), "--weights", str(ckpt), "--output",
+                 str(tmp_path / "pred")]) == 0
+    assert len(list((tmp_path / "pred").glob("*.png"))) == 4
+    assert "loss_cls_stage2" in (tmp_path / "train" / "metrics.jsonl").read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from maskrcnn.config import Config
 from maskrcnn.modeling.anchors import AnchorGenerator
@@ -14,6 +15,7 @@ from maskrcnn.modeling.poolers import MultiLevelRoIPooler
 from maskrcnn.modeling.preprocess import ImagePreprocessor
 from maskrcnn.modeling.roi_heads.box_head import FastRCNNConvFCHead, FastRCNNPredictor
 from maskrcnn.modeling.roi_heads.c4 import Res5ROIHeads
+from maskrcnn.modeling.roi_heads.cascade import CascadeROIHeads
 from maskrcnn.modeling.roi_heads.mask_head import MaskRCNNConvUpsampleHead
 from maskrcnn.modeling.roi_heads.standard import StandardROIHeads
 from maskrcnn.modeling.rpn import RPN, RPNHead
@@ -72,14 +74,36 @@ def build_detector(cfg: Config) -> MaskRCNN:
         mask_pooler = MultiLevelRoIPooler(mh.pooler_resolution, strides, mh.pooler_sampling_ratio, mh.pooler_aligned,
                                           mh.pooler_type, **level_rule) if m.mask_on else None
     predictor = FastRCNNPredictor(box_dim, rh.num_classes, bh.class_agnostic)
-    mask_head = MaskRCNNConvUpsampleHead(mask_in, rh.num_classes, mh.num_conv, mh.conv_dim, mh.norm,
-                                         class_agnostic=mh.class_agnostic) if m.mask_on else None
-    heads_cls = Res5ROIHeads if c4 else StandardROIHeads
-    roi_heads = heads_cls(box_pooler, box_head, predictor, rh.num_classes, mask_pooler, mask_head, rh.fg_iou_thresh,
-                          rh.bg_iou_thresh, rh.batch_size_per_image, rh.positive_fraction, rh.append_gt,
-                          bh.bbox_reg_weights, bh.smooth_l1_beta, rh.score_thresh, rh.nms_thresh,
-                          rh.detections_per_image, rh.min_size, mh.target_aligned, mh.target_sampling_ratio,
-                          mh.target_binarize, rh.crowd_ioa_thresh)
+
+    def new_mask_head() -> MaskRCNNConvUpsampleHead:
+        return MaskRCNNConvUpsampleHead(mask_in, rh.num_classes, mh.num_conv, mh.conv_dim, mh.norm,
+                                        class_agnostic=mh.class_agnostic)
+
+    mask_head = new_mask_head() if m.mask_on else None
+    common = dict(fg_iou=rh.fg_iou_thresh, bg_iou=rh.bg_iou_thresh, batch_size_per_image=rh.batch_size_per_image,
+                  positive_fraction=rh.positive_fraction, append_gt=rh.append_gt, box_weights=bh.bbox_reg_weights,
+                  smooth_l1_beta=bh.smooth_l1_beta, score_thresh=rh.score_thresh, nms_thresh=rh.nms_thresh,
+                  detections_per_image=rh.detections_per_image, min_size=rh.min_size,
+                  mask_target_aligned=mh.target_aligned, mask_target_sampling=mh.target_sampling_ratio,
+                  mask_target_binarize=mh.target_binarize, crowd_ioa_thresh=rh.crowd_ioa_thresh)
+    cc = m.cascade
+    if cc.enabled:
+        if c4:
+            raise ValueError("model.cascade needs the FPN architecture")
+        n = len(cc.ious)
+        heads = [box_head] + [FastRCNNConvFCHead(channels, bh.pooler_resolution, bh.num_conv, bh.conv_dim, bh.num_fc,
+                                                 bh.fc_dim, bh.norm) for _ in range(n - 1)]
+        predictors = [FastRCNNPredictor(box_dim, rh.num_classes, class_agnostic=True) for _ in range(n)]
+        if m.mask_on and cc.mask_mode == "per_stage":
+            mask_head = nn.ModuleList([mask_head] + [new_mask_head() for _ in range(n - 1)])
+        for key in ("fg_iou", "bg_iou", "box_weights"):
+            common.pop(key)
+        roi_heads = CascadeROIHeads(box_pooler, heads, predictors, rh.num_classes, mask_pooler, mask_head, cc.ious,
+                                    cc.bbox_reg_weights, cc.stage_loss_weights, cc.scale_gradients, cc.resample,
+                                    cc.mask_mode, **common)
+    else:
+        heads_cls = Res5ROIHeads if c4 else StandardROIHeads
+        roi_heads = heads_cls(box_pooler, box_head, predictor, rh.num_classes, mask_pooler, mask_head, **common)
     model = MaskRCNN(preprocess, backbone, rpn, roi_heads, rh.num_classes, rpn_levels, roi_levels, mh.paste_style,
                      mh.mask_threshold, m.channels_last)
     return model.to(memory_format=torch.channels_last) if m.channels_last else model

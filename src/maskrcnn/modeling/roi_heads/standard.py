@@ -85,13 +85,18 @@ class StandardROIHeads(nn.Module):
         return self.mask_head is not None
 
     # -- training ---------------------------------------------------------------------------------
-    def label_and_sample(self, proposals: Sequence[Tensor], targets: Sequence[dict]) -> SampledRoIs:
+    def label_and_sample(self, proposals: Sequence[Tensor], targets: Sequence[dict], matcher: Matcher | None = None,
+                         append_gt: bool | None = None, sample: bool = True) -> SampledRoIs:
+        """Match ``proposals`` to the ground truth (``matcher``, default the heads' own), optionally add the
+        ground-truth boxes first and draw the balanced sample; ignored RoIs are dropped either way."""
+        matcher = matcher or self.matcher
+        append_gt = self.append_gt if append_gt is None else append_gt
         boxes, labels, matched, target_boxes, binary = [], [], [], [], []
         for props, tgt in zip(proposals, targets):
             gt = tgt["boxes"].to(props.dtype)
-            if self.append_gt:
+            if append_gt:
                 props = torch.cat([props, gt])
-            m, lab = self.matcher(pairwise_iou(gt, props).nan_to_num_(0.0))
+            m, lab = matcher(pairwise_iou(gt, props).nan_to_num_(0.0))
             cls = tgt["labels"][m] if gt.shape[0] else torch.zeros_like(m)
             cls = torch.where(lab == 1, cls, torch.where(lab == 0, 0, -1))
             lab = ignore_crowd(lab, props, tgt.get("crowd_boxes"), self.crowd_ioa_thresh)
@@ -101,14 +106,13 @@ class StandardROIHeads(nn.Module):
             matched.append(m)
             binary.append(lab)
             target_boxes.append(gt[m] if gt.shape[0] else torch.zeros_like(props))
-        out_boxes, out_labels, out_matched, out_targets = [], [], [], []
-        for i, (pos, neg) in enumerate(self.sampler(binary, [t.get("seed") for t in targets])):
-            idx = torch.cat([pos, neg]).sort().values  # proposal order, as torchvision
-            out_boxes.append(boxes[i][idx])
-            out_labels.append(labels[i][idx])
-            out_matched.append(matched[i][idx])
-            out_targets.append(target_boxes[i][idx])
-        return SampledRoIs(out_boxes, torch.cat(out_labels), out_matched, torch.cat(out_targets))
+        if sample:
+            chosen = [torch.cat([pos, neg]).sort().values  # proposal order, as torchvision
+                      for pos, neg in self.sampler(binary, [t.get("seed") for t in targets])]
+        else:
+            chosen = [torch.nonzero(lab >= 0)[:, 0] for lab in binary]
+        return SampledRoIs([b[i] for b, i in zip(boxes, chosen)], torch.cat([lab[i] for lab, i in zip(labels, chosen)]),
+                           [m[i] for m, i in zip(matched, chosen)], torch.cat([t[i] for t, i in zip(target_boxes, chosen)]))
 
     def box_features(self, features: Sequence[Tensor], boxes: Sequence[Tensor]) -> Tensor:
         return self.box_head(self.box_pooler(features, boxes))
@@ -118,24 +122,33 @@ class StandardROIHeads(nn.Module):
         assert self.mask_pooler is not None and self.mask_head is not None
         return self.mask_head(self.mask_pooler(features, boxes))
 
-    def losses(self, features: Sequence[Tensor], proposals: Sequence[Tensor], targets: Sequence[dict]
-               ) -> dict[str, Tensor]:
-        rois = self.label_and_sample(proposals, targets)
-        feats = self.box_features(features, rois.boxes)
-        logits, deltas = self.box_predictor(feats)
+    def box_loss(self, logits: Tensor, deltas: Tensor, rois: SampledRoIs, box_coder: BoxCoder) -> dict[str, Tensor]:
         fg = rois.labels > 0
         target_deltas = torch.zeros_like(rois.target_boxes)
         if fg.any():
-            all_boxes = torch.cat(rois.boxes)
-            target_deltas[fg] = self.box_coder.encode(all_boxes[fg], rois.target_boxes[fg])
-        losses = box_losses(logits, deltas, rois.labels, target_deltas, self.smooth_l1_beta)
+            target_deltas[fg] = box_coder.encode(torch.cat(rois.boxes)[fg], rois.target_boxes[fg])
+        return box_losses(logits, deltas, rois.labels, target_deltas, self.smooth_l1_beta)
+
+    def mask_loss(self, features: Sequence[Tensor], rois: SampledRoIs, targets: Sequence[dict],
+                  box_feats: Tensor | None = None, mask_head: nn.Module | None = None) -> Tensor:
+        """The mask loss of the foreground RoIs (``mask_head``: a cascade stage's own head)."""
+        fg_boxes, fg_matched, fg_labels, fg_masks = rois.foreground()
+        if mask_head is None:
+            mlogits = self.mask_logits(features, fg_boxes, box_feats, fg_masks)
+        else:
+            mlogits = mask_head(self.mask_pooler(features, fg_boxes))
+        size = mlogits.shape[-1]
+        tgts = [mask_targets(t["masks"], b, m, size, **self.mask_target) for t, b, m in zip(targets, fg_boxes, fg_matched)]
+        return mask_loss(mlogits, fg_labels, torch.cat(tgts) if tgts else mlogits.new_zeros(0))
+
+    def losses(self, features: Sequence[Tensor], proposals: Sequence[Tensor], targets: Sequence[dict],
+               image_sizes: Sequence[tuple[int, int]] | None = None) -> dict[str, Tensor]:
+        """``image_sizes`` clip the boxes a cascade refines between stages; one stage does not need them."""
+        rois = self.label_and_sample(proposals, targets)
+        feats = self.box_features(features, rois.boxes)
+        losses = self.box_loss(*self.box_predictor(feats), rois, self.box_coder)
         if self.mask_on:
-            fg_boxes, fg_matched, fg_labels, fg_masks = rois.foreground()
-            mlogits = self.mask_logits(features, fg_boxes, feats, fg_masks)
-            size = mlogits.shape[-1]
-            tgts = [mask_targets(t["masks"], b, m, size, **self.mask_target)
-                    for t, b, m in zip(targets, fg_boxes, fg_matched)]
-            losses["loss_mask"] = mask_loss(mlogits, fg_labels, torch.cat(tgts) if tgts else mlogits.new_zeros(0))
+            losses["loss_mask"] = self.mask_loss(features, rois, targets, feats)
         return losses
 
     # -- inference --------------------------------------------------------------------------------
@@ -151,15 +164,17 @@ class StandardROIHeads(nn.Module):
     def add_masks(self, features: Sequence[Tensor], dets: list[dict[str, Tensor]]) -> None:
         """Adds ``mask_probs (D, M, M)`` of the predicted class to each image's detections."""
         boxes = [d["boxes"] for d in dets]
-        labels = torch.cat([d["labels"] for d in dets])
-        probs = mask_probabilities(self.mask_logits(features, boxes), labels)
+        probs = self.mask_probs(features, boxes, torch.cat([d["labels"] for d in dets]))
         for d, p in zip(dets, probs.split([b.shape[0] for b in boxes])):
             d["mask_probs"] = p
+
+    def mask_probs(self, features: Sequence[Tensor], boxes: Sequence[Tensor], labels: Tensor) -> Tensor:
+        return mask_probabilities(self.mask_logits(features, boxes), labels)
 
     def forward(self, features: Sequence[Tensor], proposals: Sequence[Tensor], image_sizes: Sequence[tuple[int, int]],
                 targets: Sequence[dict] | None = None) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
         if self.training:
             if targets is None:
                 raise ValueError("ROI heads: training needs targets")
-            return [], self.losses(features, proposals, targets)
+            return [], self.losses(features, proposals, targets, image_sizes)
         return self.detect(features, proposals, image_sizes), {}
