@@ -4,7 +4,7 @@ torchvision's wheels do not load against the CPU-only torch this package is test
 parity tests hand their inputs to a subprocess: ``run_reference(script, inputs)`` saves ``inputs``
 (a dict of tensors and plain values) with ``torch.save``, runs ``script`` in the reference
 interpreter with ``inputs`` bound to that dict, and returns the dict the script stores in
-``outputs``; ``randomize_norms(model, seed)`` is predefined there. Create the environment with
+``outputs``; ``randomize_norms(model, seed)`` and ``record_samplers(model)`` are predefined there. Create the environment with
 ``bash scripts/make_reference_env.sh``.
 """
 
@@ -38,6 +38,19 @@ def randomize_norms(model, seed):
             elif name.endswith("running_var") or name.endswith(".weight"):
                 b.copy_(torch.rand(b.shape, generator=g) * 0.5 + 0.75)
     return g
+
+def record_samplers(model):
+    # wrap torchvision's RPN and RoI samplers so that the samples they draw can be replayed in ours
+    record = {}
+    def recording(name, sampler):
+        def call(labels):
+            pos, neg = sampler(labels)
+            record[name] = [(torch.nonzero(p)[:, 0], torch.nonzero(n)[:, 0]) for p, n in zip(pos, neg)]
+            return pos, neg
+        return call
+    model.rpn.fg_bg_sampler = recording("rpn", model.rpn.fg_bg_sampler)
+    model.roi_heads.fg_bg_sampler = recording("roi", model.roi_heads.fg_bg_sampler)
+    return record
 """
 _EPILOGUE = """
 torch.save(outputs, sys.argv[2])

@@ -113,3 +113,16 @@ def test_cascade_preset_trains_evaluates_and_predicts_through_the_cli(tmp_path):
                  str(tmp_path / "pred")]) == 0
     assert len(list((tmp_path / "pred").glob("*.png"))) == 4
     assert "loss_cls_stage2" in (tmp_path / "train" / "metrics.jsonl").read_text()
+
+
+def test_keypoint_preset_trains_evaluates_and_predicts_through_the_cli(tmp_path, capsys):
+    sets = _sets(tiny_train_overrides(tmp_path, ["solver.max_iter=2", "model.keypoint_head.conv_dims=[32, 32]"]))
+    assert main(["train", "--config", "shapes_keypoint_R_18_FPN", "--no-progress", *sets]) == 0
+    ckpt = tmp_path / "train" / "model_final.pth"
+    assert main(["eval", "--weights", str(ckpt), "--output", str(tmp_path / "eval")]) == 0
+    assert "keypoints: AP" in capsys.readouterr().out  # OKS AP reported
+    assert main(["predict", str(tmp_path / "shapes" / "val"), "--weights", str(ckpt), "--output",
+                 str(tmp_path / "pred"), "--score-thresh", "0"]) == 0
+    results = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    assert results and all(len(r["keypoints"]) == 15 for r in results)
+    assert "loss_keypoint" in (tmp_path / "train" / "metrics.jsonl").read_text()

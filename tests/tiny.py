@@ -79,3 +79,15 @@ def tiny_train_overrides(out_dir, extra: list[str] | None = None) -> list[str]:
 
 def tiny_train_config(out_dir, extra: list[str] | None = None) -> maskrcnn.Config:
     return maskrcnn.get_config("shapes_R_18_FPN", tiny_train_overrides(out_dir, extra))
+
+
+def random_scene(h: int, w: int, seed: int) -> torch.Tensor:
+    """A smooth random image with a few bright shapes: something for random filters to respond to."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(1, 3, h // 16 + 1, w // 16 + 1, generator=g, dtype=torch.float64)
+    img = torch.nn.functional.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)[0]
+    for _ in range(6):
+        y0, x0 = int(torch.randint(0, h - 40, (), generator=g)), int(torch.randint(0, w - 40, (), generator=g))
+        img[:, y0:y0 + int(torch.randint(20, h // 3, (), generator=g)), x0:x0 + int(torch.randint(20, w // 3, (), generator=g))] = \
+            torch.rand(3, 1, 1, generator=g, dtype=torch.float64)
+    return img.clamp(0, 1)

@@ -117,15 +117,15 @@ def predict_images(predictor, paths: list[Path], out_dir: Path, score_thresh: fl
             failures.append(f"{path}: {e}")
             continue
         keep = out["scores"] >= score_thresh
-        sel = {key: out[key][keep] for key in ("boxes", "scores", "labels") if key in out}
-        if "masks" in out:
-            sel["masks"] = out["masks"][keep]
+        sel = {key: out[key][keep] for key in ("boxes", "scores", "labels", "masks", "keypoints", "keypoints_scores")
+               if key in out}
         labels = sel["labels"].tolist()
         from maskrcnn.engine.predictor import to_image_tensor
 
         image = to_image_tensor(path)
         overlay = draw_instances(image, sel["boxes"], labels, [predictor.class_map.name(v) for v in labels],
-                                 sel["scores"].tolist(), sel.get("masks"))
+                                 sel["scores"].tolist(), sel.get("masks"), keypoints=sel.get("keypoints"),
+                                 skeleton=predictor.class_map.skeleton)
         overlay.save(out_dir / f"{path.stem}.png")
         for r in instances_to_coco(sel, k + 1, predictor.class_map):
             r["file_name"] = str(path)
@@ -171,7 +171,7 @@ def _cmd_eval(args) -> int:
             raise SystemExit("maskrcnn eval: no dataset: pass --dataset (and --images)")
         json_path, images = paths["val"]
     dataset = CocoDataset(json_path, images, class_map=pred.class_map, on_bad_sample=pred.cfg.data.on_bad_sample)
-    metrics = evaluate_model(pred.model, dataset, args.output)
+    metrics = evaluate_model(pred.model, dataset, args.output, oks_sigmas=pred.cfg.model.keypoint_head.oks_sigmas)
     print(format_metrics(metrics))
     print(f"results: {Path(args.output).resolve()}")
     return 0
@@ -204,9 +204,10 @@ def _cmd_demo(args) -> int:
     val_images = sorted((out / "shapes" / "val").glob("*.png"))[:6]
     predict_images(pred, val_images, out / "predictions", 0.5)
     elapsed = time.perf_counter() - start
-    segm = result["metrics"].get("segm", {})
-    print(f"\ndone in {elapsed / 60:.1f} min; mask AP@[.5:.95] {100 * segm.get('AP', 0):.1f}, "
-          f"box AP {100 * result['metrics'].get('bbox', {}).get('AP', 0):.1f}")
+    metrics = result["metrics"]
+    shown = [(f"{name} AP@[.5:.95]", metrics[key]["AP"]) for key, name in
+             (("segm", "mask"), ("keypoints", "keypoint (OKS)"), ("bbox", "box")) if key in metrics]
+    print(f"\ndone in {elapsed / 60:.1f} min; " + ", ".join(f"{n} {100 * v:.1f}" for n, v in shown))
     print(f"  checkpoint   {result['checkpoint']}\n  predictions  {out / 'predictions'}\n"
           f"  curves       {result.get('curves')}\n  metrics      {Path(result['output_dir']) / 'metrics.jsonl'}")
     return 0

@@ -148,6 +148,23 @@ class MaskHeadConfig:
 
 
 @dataclass
+class KeypointHeadConfig:
+    """The keypoint branch (``model.keypoint_on``): K heatmaps of (pooler * 2 * up_scale)^2 bins per RoI."""
+
+    num_keypoints: int = 17  # COCO person; the dataset's categories decide (checked at training start)
+    pooler_resolution: int = 14
+    pooler_sampling_ratio: int = 0
+    pooler_aligned: bool = True
+    pooler_type: str = _choice("ROIAlign", ("ROIAlign", "ROIPool"), "RoI feature extractor")
+    conv_dims: tuple[int, ...] = (512,) * 8  # the paper's eight 3x3 conv-512 layers
+    up_scale: int = 2  # bilinear upsampling after the stride-2 deconv: 14 -> 28 -> 56
+    loss_weight: float = 1.0
+    loss_normalizer: str = _choice("visible", ("visible", "fixed"), "mean over labelled keypoints, or a fixed count")
+    score: str = _choice("logit", ("logit", "softmax"), "keypoints_scores: peak logit (torchvision) or probability")
+    oks_sigmas: tuple[float, ...] = ()  # per keypoint, for OKS AP; () = COCO person's (needs 17 keypoints)
+
+
+@dataclass
 class CascadeConfig:
     """Cascade R-CNN box stages (``enabled``); one entry per stage in the tuples."""
 
@@ -165,6 +182,7 @@ class CascadeConfig:
 class ModelConfig:
     architecture: str = _choice("FPN", ("FPN", "C4"), "FPN (P2-P6) or the paper's res4/res5 C4 model")
     mask_on: bool = True
+    keypoint_on: bool = False
     channels_last: bool = True  # NHWC feature maps: ~25% faster convolutions on CPU (oneDNN) and tensor cores
     input: InputConfig = field(default_factory=InputConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -174,6 +192,7 @@ class ModelConfig:
     roi_heads: ROIHeadsConfig = field(default_factory=ROIHeadsConfig)
     box_head: BoxHeadConfig = field(default_factory=BoxHeadConfig)
     mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)
+    keypoint_head: KeypointHeadConfig = field(default_factory=KeypointHeadConfig)
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
 
 
@@ -189,7 +208,8 @@ class DataConfig:
     keep_empty_images: bool = True  # train on images without annotations as negatives
     on_bad_sample: str = _choice("skip", ("skip", "error"), "skip (and report) or stop at a bad image/annotation")
     mask_format: str = _choice("polygon", ("polygon", "bitmap"), "keep polygons as polygons, or rasterise")
-    flip_prob: float = 0.5  # horizontal flip in training
+    flip_prob: float = 0.5  # horizontal flip in training (keypoints swap left/right by their names)
+    min_keypoints_per_image: int = 0  # keypoint models: train only on images with this many labelled keypoints
     num_workers: int = 2
     aspect_ratio_grouping: bool = True
     shapes_dir: str = "outputs/shapes"
@@ -199,6 +219,7 @@ class DataConfig:
     shapes_min_radius: float = 16.0
     shapes_max_radius: float = 44.0
     shapes_seed: int = 0
+    shapes_keypoints: bool = False  # stars with their five tips as keypoints (plus unlabelled distractor shapes)
 
 
 @dataclass
@@ -487,6 +508,44 @@ def shapes_cascade_R_18_FPN() -> Config:
     return cfg
 
 
+def _person_keypoints(cfg: Config) -> Config:
+    """Keypoints instead of masks for COCO's one person class, trained at 640-800 px (both libraries)."""
+    m = cfg.model
+    m.mask_on, m.keypoint_on = False, True
+    m.roi_heads.num_classes = 1
+    m.input.min_size_train = (640, 672, 704, 736, 768, 800)
+    return cfg
+
+
+def keypoint_rcnn_R_50_FPN() -> Config:
+    """Keypoint R-CNN R50-FPN (COCO person, 17 keypoints) with detectron2's keypoint recipe: multi-scale
+    training 640-800, 1500 proposals per image in training, smooth-L1 beta 0.5 in the box head, images
+    without labelled keypoints left out. Add ``model.mask_on=true`` for keypoints and masks together
+    (the paper's Table 4)."""
+    cfg = _person_keypoints(Config())
+    m = cfg.model
+    m.rpn.post_nms_topk_train = 1500
+    m.box_head.smooth_l1_beta = 0.5
+    cfg.data.min_keypoints_per_image = 1
+    return cfg
+
+
+def shapes_keypoint_R_18_FPN() -> Config:
+    """The CPU-sized Keypoint R-CNN (with masks): ``shapes_R_18_FPN`` on the synthetic stars, whose five
+    tips are the keypoints, with a four-conv-128 keypoint head."""
+    cfg = shapes_R_18_FPN()
+    m = cfg.model
+    m.keypoint_on = True
+    m.roi_heads.num_classes = 1
+    m.keypoint_head.num_keypoints = 5
+    m.keypoint_head.conv_dims = (128,) * 4
+    m.keypoint_head.oks_sigmas = (0.05,) * 5
+    cfg.data.shapes_keypoints = True
+    cfg.data.shapes_dir = "outputs/shapes_keypoints"
+    cfg.train.output_dir = "outputs/shapes_keypoint_R_18_FPN"
+    return cfg
+
+
 def faster_rcnn_R_50_FPN() -> Config:
     cfg = Config()
     cfg.model.mask_on = False
@@ -536,6 +595,16 @@ def torchvision_maskrcnn_resnet50_fpn_v2() -> Config:
     return cfg
 
 
+def torchvision_keypointrcnn_resnet50_fpn() -> Config:
+    """Exactly ``torchvision.models.detection.keypointrcnn_resnet50_fpn`` (person + 17 keypoints);
+    its COCO v1 weights want ``model.backbone.norm_eps=0``, as the Mask R-CNN ones."""
+    cfg = _person_keypoints(torchvision_maskrcnn_resnet50_fpn())
+    m = cfg.model
+    m.keypoint_head.pooler_sampling_ratio = 2
+    m.keypoint_head.pooler_aligned = False
+    return cfg
+
+
 def torchvision_fasterrcnn_resnet50_fpn() -> Config:
     cfg = torchvision_maskrcnn_resnet50_fpn()
     cfg.model.mask_on = False
@@ -552,8 +621,10 @@ PRESETS = {
     f.__name__: f
     for f in (mask_rcnn_R_50_FPN, mask_rcnn_R_101_FPN, mask_rcnn_X_101_32x8d_FPN, mask_rcnn_R_50_C4,
               faster_rcnn_R_50_FPN, shapes_R_18_FPN, cascade_mask_rcnn_R_50_FPN, cascade_mask_rcnn_R_101_FPN,
-              cascade_mask_rcnn_X_101_32x8d_FPN, shapes_cascade_R_18_FPN, torchvision_maskrcnn_resnet50_fpn, torchvision_maskrcnn_resnet50_fpn_v2,
-              torchvision_fasterrcnn_resnet50_fpn, torchvision_fasterrcnn_resnet50_fpn_v2)
+              cascade_mask_rcnn_X_101_32x8d_FPN, shapes_cascade_R_18_FPN, keypoint_rcnn_R_50_FPN,
+              shapes_keypoint_R_18_FPN, torchvision_maskrcnn_resnet50_fpn, torchvision_maskrcnn_resnet50_fpn_v2,
+              torchvision_keypointrcnn_resnet50_fpn, torchvision_fasterrcnn_resnet50_fpn,
+              torchvision_fasterrcnn_resnet50_fpn_v2)
 }
 
 

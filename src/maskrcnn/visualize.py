@@ -1,4 +1,5 @@
-"""Draw predictions (or ground truth) over an image: translucent masks, boxes, class names and scores."""
+"""Draw predictions (or ground truth) over an image: translucent masks, boxes, class names and scores,
+keypoints joined by their skeleton."""
 
 from __future__ import annotations
 
@@ -20,8 +21,11 @@ def class_color(label: int) -> tuple[int, int, int]:
 
 def draw_instances(image: Image.Image | np.ndarray | Tensor, boxes: Tensor, labels: Sequence[int],
                    names: Sequence[str], scores: Sequence[float] | None = None, masks: Tensor | None = None,
-                   alpha: float = 0.45) -> Image.Image:
-    """An RGB PIL image with the instances drawn; ``masks`` ``(N, H, W)`` or ``(N, 1, H, W)`` bool."""
+                   alpha: float = 0.45, keypoints: Tensor | None = None, skeleton: Sequence[Sequence[int]] = ()
+                   ) -> Image.Image:
+    """An RGB PIL image with the instances drawn; ``masks`` ``(N, H, W)`` or ``(N, 1, H, W)`` bool;
+    ``keypoints (N, K, 3)`` (x, y, v): those with v > 0 drawn as dots, ``skeleton`` pairs of
+    1-based keypoint indices (COCO's convention) as lines between two drawn keypoints."""
     if isinstance(image, Tensor):
         arr = image.permute(1, 2, 0).cpu().numpy()
         arr = (arr * 255).clip(0, 255).astype(np.uint8) if image.is_floating_point() else arr.astype(np.uint8)
@@ -47,11 +51,28 @@ def draw_instances(image: Image.Image | np.ndarray | Tensor, boxes: Tensor, labe
         w = draw.textlength(text)
         draw.rectangle([x, y, x + w + 4, y + 12], fill=color)
         draw.text((x + 2, y), text, fill=(0, 0, 0))
+    if keypoints is not None:
+        _draw_keypoints(draw, keypoints.detach().float().cpu().tolist(), labels, skeleton)
     return out
 
 
-def overlay_ground_truth(image: Tensor, target: dict, names: Sequence[str]) -> Image.Image:
+def _draw_keypoints(draw: ImageDraw.ImageDraw, keypoints: list, labels: Sequence[int],
+                    skeleton: Sequence[Sequence[int]]) -> None:
+    for k, points in enumerate(keypoints):
+        color = class_color(labels[k] + 3)  # offset from the box colour, so the skeleton stands out
+        for a, b in skeleton:
+            (xa, ya, va), (xb, yb, vb) = points[a - 1], points[b - 1]
+            if va > 0 and vb > 0:
+                draw.line([xa, ya, xb, yb], fill=color, width=2)
+        for x, y, v in points:
+            if v > 0:
+                draw.ellipse([x - 2.5, y - 2.5, x + 2.5, y + 2.5], fill=(255, 255, 255), outline=color)
+
+
+def overlay_ground_truth(image: Tensor, target: dict, names: Sequence[str], skeleton: Sequence[Sequence[int]] = ()
+                         ) -> Image.Image:
     """The ground truth of a dataset sample, drawn like predictions (masks only if bitmaps)."""
     masks = target.get("masks") if isinstance(target.get("masks"), torch.Tensor) else None
     labels = target["labels"].tolist()
-    return draw_instances(image, target["boxes"], labels, [names[v - 1] for v in labels], masks=masks)
+    return draw_instances(image, target["boxes"], labels, [names[v - 1] for v in labels], masks=masks,
+                          keypoints=target.get("keypoints"), skeleton=skeleton)

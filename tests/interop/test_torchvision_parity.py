@@ -11,6 +11,7 @@ import torch
 
 import maskrcnn
 from maskrcnn.interop.torchvision import load_torchvision_detection
+from tiny import random_scene as _image
 
 BUILD = """
 import torch, torchvision
@@ -60,33 +61,13 @@ outputs["dets"] = [{"boxes": o["boxes"], "scores": o["scores"], "labels": o["lab
 
 TRAIN = BUILD + """
 model = build(inputs["variant"], min_size=320, max_size=512).train()
-record = {}
-def recording(name, sampler):
-    def call(labels):
-        pos, neg = sampler(labels)
-        record[name] = [(torch.nonzero(p)[:, 0], torch.nonzero(n)[:, 0]) for p, n in zip(pos, neg)]
-        return pos, neg
-    return call
-model.rpn.fg_bg_sampler = recording("rpn", model.rpn.fg_bg_sampler)
-model.roi_heads.fg_bg_sampler = recording("roi", model.roi_heads.fg_bg_sampler)
+record = record_samplers(model)
 torch.manual_seed(0)
 losses = model([im.double() for im in inputs["images"]], inputs["targets"])
 outputs["state"] = {k: v for k, v in model.state_dict().items()}
 outputs["losses"] = {k: v.detach() for k, v in losses.items()}
 outputs["samples"] = record
 """
-
-
-def _image(h, w, seed):
-    """A smooth random image with a few bright shapes: something for random filters to respond to."""
-    g = torch.Generator().manual_seed(seed)
-    low = torch.rand(1, 3, h // 16 + 1, w // 16 + 1, generator=g, dtype=torch.float64)
-    img = torch.nn.functional.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)[0]
-    for _ in range(6):
-        y0, x0 = int(torch.randint(0, h - 40, (), generator=g)), int(torch.randint(0, w - 40, (), generator=g))
-        img[:, y0:y0 + int(torch.randint(20, h // 3, (), generator=g)), x0:x0 + int(torch.randint(20, w // 3, (), generator=g))] = \
-            torch.rand(3, 1, 1, generator=g, dtype=torch.float64)
-    return img.clamp(0, 1)
 
 
 def _ours(variant, state, **overrides):

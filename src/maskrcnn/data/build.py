@@ -22,10 +22,12 @@ def dataset_paths(cfg: Config) -> dict[str, tuple[Path, Path]]:
         return out
     root = Path(d.shapes_dir)
     key = f"{d.shapes_train} {d.shapes_val} {d.shapes_size} {d.shapes_min_radius} {d.shapes_max_radius} {d.shapes_seed}"
+    key += " keypoints" if d.shapes_keypoints else ""
     marker = root / "GENERATED"
     if not marker.is_file() or marker.read_text() != key:
         write_shapes_dataset(root, d.shapes_train, d.shapes_val, (d.shapes_size, d.shapes_size),
-                             min_radius=d.shapes_min_radius, max_radius=d.shapes_max_radius, seed=d.shapes_seed)
+                             min_radius=d.shapes_min_radius, max_radius=d.shapes_max_radius, seed=d.shapes_seed,
+                             keypoints=d.shapes_keypoints)
         marker.write_text(key)
     return {"train": (root / "annotations" / "instances_train.json", root / "train"),
             "val": (root / "annotations" / "instances_val.json", root / "val")}
@@ -34,7 +36,7 @@ def dataset_paths(cfg: Config) -> dict[str, tuple[Path, Path]]:
 def build_train_dataset(cfg: Config, paths: dict) -> CocoDataset:
     d = cfg.data
     return CocoDataset(*paths["train"], train=True, keep_empty=d.keep_empty_images, on_bad_sample=d.on_bad_sample,
-                       mask_format=d.mask_format, flip_prob=d.flip_prob)
+                       mask_format=d.mask_format, flip_prob=d.flip_prob, min_keypoints=d.min_keypoints_per_image)
 
 
 def build_val_dataset(cfg: Config, paths: dict, class_map: ClassMap) -> CocoDataset | None:

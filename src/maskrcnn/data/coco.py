@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 
 from maskrcnn.data.transforms import BadImageError, hflip, load_image
 from maskrcnn.structures.class_map import ClassMap
+from maskrcnn.structures.keypoints import keypoint_flip_map
 from maskrcnn.structures.masks import PolygonMasks, decode_rle
 
 __all__ = ["ClassMap", "CocoDataset", "DatasetError", "ImageRecord", "polygon_self_intersects"]
@@ -45,6 +46,7 @@ class ImageRecord:
     labels: list[int] = field(default_factory=list)
     segmentations: list = field(default_factory=list)  # polygons (list of rings) or RLE dicts
     crowd_boxes: list[list[float]] = field(default_factory=list)
+    keypoints: list[list[float]] = field(default_factory=list)  # (x, y, v) * K per instance, keypoint datasets
 
 
 def _polygon_area(ring: np.ndarray) -> float:
@@ -84,16 +86,23 @@ class CocoDataset(Dataset):
         on_bad_sample: ``"skip"`` (record in ``report``) or ``"error"``.
         mask_format: ``"polygon"`` keeps polygons (rasterised at target resolution by the model);
             images with RLE masks, or ``"bitmap"``, give ``(G, H, W)`` uint8 bitmaps.
-        flip_map: keypoint index permutation for the flip (keypoint datasets).
+        flip_map: keypoint index permutation for the flip; default: left/right swapped by the
+            keypoint names of the class map (COCO's ``left_eye`` <-> ``right_eye`` ...).
+        min_keypoints: in training, leave out images with fewer labelled keypoints (keypoint datasets).
+
+    Keypoint datasets are those whose categories list ``keypoints``: every instance then has K
+    keypoints (an annotation without them: all unlabelled), and a malformed ``keypoints`` list is a
+    bad annotation.
 
     ``dataset[i]`` or ``dataset[(i, seed)]`` -> ``(image (3, H, W) uint8, target)``; the target has
-    ``boxes``, ``labels``, ``masks``, ``crowd_boxes``, ``image_id`` and, given one, the ``seed``
-    that decides the flip and the model's sampling for this sample.
+    ``boxes``, ``labels``, ``masks``, ``crowd_boxes``, ``image_id``, ``keypoints (G, K, 3)`` for
+    keypoint datasets and, given one, the ``seed`` that decides the flip and the model's sampling.
     """
 
     def __init__(self, json_path: str | Path, image_dir: str | Path, class_map: ClassMap | None = None,
                  train: bool = False, keep_empty: bool = True, on_bad_sample: str = "skip",
-                 mask_format: str = "polygon", flip_prob: float = 0.5, flip_map: Sequence[int] | None = None) -> None:
+                 mask_format: str = "polygon", flip_prob: float = 0.5, flip_map: Sequence[int] | None = None,
+                 min_keypoints: int = 0) -> None:
         if on_bad_sample not in ("skip", "error"):
             raise ValueError(f"on_bad_sample must be 'skip' or 'error', got {on_bad_sample!r}")
         self.json_path, self.image_dir = Path(json_path), Path(image_dir)
@@ -101,8 +110,17 @@ class CocoDataset(Dataset):
         self.flip_prob, self.flip_map = flip_prob, flip_map
         self.report: list[str] = []
         data = self._read_json()
-        self.class_map = class_map or ClassMap.from_categories(data["categories"])
+        try:
+            self.class_map = class_map or ClassMap.from_categories(data["categories"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise DatasetError(f"{self.json_path}: bad categories: {e}") from None
+        self.num_keypoints = len(self.class_map.keypoint_names)
+        if self.flip_map is None and self.num_keypoints:
+            self.flip_map = keypoint_flip_map(self.class_map.keypoint_names)
         self.records = self._parse(data, keep_empty or not train)
+        if train and min_keypoints > 0 and self.num_keypoints:
+            self.records = [r for r in self.records
+                            if sum(v > 0 for kp in r.keypoints for v in kp[2::3]) >= min_keypoints]
         if not self.records:
             raise DatasetError(f"{self.json_path}: no usable images"
                                + (f" ({len(self.report)} problems: {self.report[:3]})" if self.report else ""))
@@ -189,9 +207,29 @@ class CocoDataset(Dataset):
         seg = self._segmentation(ann, rec)
         if seg is None:
             return
+        if self.num_keypoints:
+            kp = self._keypoints(ann)
+            if kp is None:
+                return
+            rec.keypoints.append(kp)
         rec.boxes.append(box)
         rec.labels.append(self.class_map.label(ann["category_id"]))
         rec.segmentations.append(seg)
+
+    def _keypoints(self, ann: dict) -> list[float] | None:
+        k = self.num_keypoints
+        raw = ann.get("keypoints")
+        if raw is None:
+            return [0.0] * (3 * k)
+        try:
+            arr = np.asarray(raw, dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError):
+            arr = np.zeros(0)
+        if arr.size != 3 * k or not np.isfinite(arr).all() or not np.isin(arr[2::3], (0, 1, 2)).all():
+            self._bad(f"annotation {ann.get('id', '?')}: 'keypoints' must be {k} finite (x, y, v) triples with v in "
+                      f"0/1/2, got {str(raw)[:80]}")
+            return None
+        return arr.tolist()
 
     def _segmentation(self, ann: dict, rec: ImageRecord):
         aid = ann.get("id", "?")
@@ -242,6 +280,8 @@ class CocoDataset(Dataset):
                   "labels": torch.tensor(rec.labels, dtype=torch.int64),
                   "crowd_boxes": torch.tensor(rec.crowd_boxes, dtype=torch.float32).reshape(-1, 4),
                   "image_id": rec.image_id}
+        if self.num_keypoints:
+            target["keypoints"] = torch.tensor(rec.keypoints, dtype=torch.float32).reshape(n, self.num_keypoints, 3)
         polygons = all(isinstance(s, list) for s in rec.segmentations)
         if n and polygons and self.mask_format == "polygon":
             target["masks"] = PolygonMasks.from_coco(rec.segmentations)

@@ -11,6 +11,12 @@ compressed RLE when something does (so both COCO formats are exercised). Instanc
     root/val/000000.png ...            root/annotations/instances_val.json
 
 The same seed gives byte-identical files.
+
+With ``keypoints=True`` it is a keypoint dataset instead: only the stars are annotated (one
+category with the five tips as keypoints, ``top``, ``upper_right``, ``lower_right``, ``lower_left``,
+``upper_left``, upright within +-25 degrees so that left and right stay meaningful under a flip);
+circles, rectangles and triangles are drawn as unannotated distractors. A tip is visible (v=2),
+hidden under a later shape (v=1), or outside the image (0, 0, 0), as in COCO.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 CLASSES = ("circle", "rectangle", "triangle", "star")
+STAR_KEYPOINTS = ("top", "upper_right", "lower_right", "lower_left", "upper_left")
+STAR_SKELETON = ((1, 2), (2, 3), (3, 4), (4, 5), (5, 1))
 
 
 def _outline(kind: str, cx: float, cy: float, r: float, angle: float, rng: np.random.Generator) -> list[tuple]:
@@ -54,18 +62,26 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 
 def draw_image(rng: np.random.Generator, size: tuple[int, int], max_objects: int, min_radius: float,
-               max_radius: float, min_visible: float) -> tuple[np.ndarray, list[dict]]:
+               max_radius: float, min_visible: float, keypoints: bool = False) -> tuple[np.ndarray, list[dict]]:
     """One image ``(H, W, 3)`` uint8 and its instances: ``{"label", "mask" (H, W) bool, "polygon" or None}``
-    (the polygon of a shape nothing covers; None when the visible part is smaller)."""
+    (the polygon of a shape nothing covers; None when the visible part is smaller), plus
+    ``"keypoints"`` (5 x (x, y, v)) of the stars in keypoint mode, where only stars are instances."""
     h, w = size
     img = _background(rng, h, w)
     drawn = []
     for _ in range(int(rng.integers(1, max_objects + 1))):
-        kind = CLASSES[int(rng.integers(len(CLASSES)))]
+        if keypoints:  # mostly stars, the annotated class
+            kind = "star" if rng.random() < 0.6 else CLASSES[int(rng.integers(len(CLASSES) - 1))]
+        else:
+            kind = CLASSES[int(rng.integers(len(CLASSES)))]
         r = float(rng.uniform(min_radius, max_radius))
         cx, cy = float(rng.uniform(r * 0.6, w - r * 0.6)), float(rng.uniform(r * 0.6, h - r * 0.6))
+        tips = None
         if kind == "circle":
             poly = [(cx + r * math.cos(t), cy + r * math.sin(t)) for t in np.linspace(0, 2 * math.pi, 48, endpoint=False)]
+        elif keypoints and kind == "star":
+            poly = _outline(kind, cx, cy, r, float(rng.uniform(-1, 1)) * math.radians(25), rng)
+            tips = [(round(x, 2), round(y, 2)) for x, y in poly[0::2]]
         else:
             poly = _outline(kind, cx, cy, r, float(rng.uniform(0, 2 * math.pi)), rng)
         # paint exactly the pixels COCO's rasteriser assigns to the polygon as written to the JSON
@@ -82,13 +98,21 @@ def draw_image(rng: np.random.Generator, size: tuple[int, int], max_objects: int
         for prev in drawn:  # the new shape hides what it covers
             prev["mask"] &= ~mask
             prev["occluded"] = prev["occluded"] or bool((prev["full"] & mask).any())
-        drawn.append({"label": CLASSES.index(kind) + 1, "mask": mask.copy(), "full": mask, "polygon": poly,
-                      "occluded": False})
+            for tip in prev["tips"]:
+                if tip[2] == 2 and mask[min(int(tip[1]), h - 1), min(int(tip[0]), w - 1)]:
+                    tip[2] = 1
+        label = (1 if kind == "star" else 0) if keypoints else CLASSES.index(kind) + 1
+        tip_list = [[x, y, 2] if 0 <= x < w and 0 <= y < h else [0.0, 0.0, 0] for x, y in (tips or [])]
+        drawn.append({"label": label, "mask": mask.copy(), "full": mask, "polygon": poly, "occluded": False,
+                      "tips": tip_list})
     out = []
     for d in drawn:
-        if d["mask"].sum() < max(16, min_visible * d["full"].sum()):
+        if d["label"] == 0 or d["mask"].sum() < max(16, min_visible * d["full"].sum()):
             continue
-        out.append({"label": d["label"], "mask": d["mask"], "polygon": None if d["occluded"] else d["polygon"]})
+        inst = {"label": d["label"], "mask": d["mask"], "polygon": None if d["occluded"] else d["polygon"]}
+        if keypoints:
+            inst["keypoints"] = [v for tip in d["tips"] for v in tip]
+        out.append(inst)
     return img, out
 
 
@@ -101,17 +125,26 @@ def _annotation(inst: dict, ann_id: int, image_id: int) -> dict:
     else:
         rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
         seg = {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
-    return {"id": ann_id, "image_id": image_id, "category_id": inst["label"], "segmentation": seg,
-            "area": float(m.sum()), "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)], "iscrowd": 0}
+    ann = {"id": ann_id, "image_id": image_id, "category_id": inst["label"], "segmentation": seg,
+           "area": float(m.sum()), "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)], "iscrowd": 0}
+    if "keypoints" in inst:
+        ann["keypoints"] = inst["keypoints"]
+        ann["num_keypoints"] = sum(1 for v in inst["keypoints"][2::3] if v > 0)
+    return ann
 
 
 def write_shapes_dataset(root: str | Path, num_train: int = 400, num_val: int = 50, size: tuple[int, int] = (192, 192),
                          max_objects: int = 4, min_radius: float = 16.0, max_radius: float = 44.0,
-                         min_visible: float = 0.4, seed: int = 0) -> dict[str, tuple[Path, Path]]:
+                         min_visible: float = 0.4, seed: int = 0, keypoints: bool = False
+                         ) -> dict[str, tuple[Path, Path]]:
     """Write the dataset; returns ``{"train": (json, image_dir), "val": (json, image_dir)}``."""
     root = Path(root)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
-    categories = [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(CLASSES)]
+    if keypoints:
+        categories = [{"id": 1, "name": "star", "supercategory": "shape", "keypoints": list(STAR_KEYPOINTS),
+                       "skeleton": [list(p) for p in STAR_SKELETON]}]
+    else:
+        categories = [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(CLASSES)]
     out = {}
     for split, count, split_seed in (("train", num_train, seed), ("val", num_val, seed + 1_000_003)):
         rng = np.random.default_rng(split_seed)
@@ -119,7 +152,7 @@ def write_shapes_dataset(root: str | Path, num_train: int = 400, num_val: int = 
         img_dir.mkdir(parents=True, exist_ok=True)
         images, annotations = [], []
         for i in range(count):
-            img, insts = draw_image(rng, size, max_objects, min_radius, max_radius, min_visible)
+            img, insts = draw_image(rng, size, max_objects, min_radius, max_radius, min_visible, keypoints)
             name = f"{i:06d}.png"
             Image.fromarray(img).save(img_dir / name, optimize=False)
             images.append({"id": i + 1, "file_name": name, "height": size[0], "width": size[1]})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -14,11 +15,13 @@ from maskrcnn.evaluation.coco_eval import COCOEvaluator
 
 
 def evaluate_model(model: nn.Module, dataset: CocoDataset, output_dir: str | Path | None = None, rank: int = 0,
-                   world_size: int = 1, limit: int = 0, progress: bool = True) -> dict[str, dict]:
-    """COCO bbox/segm metrics of ``model`` on ``dataset`` (returned on rank 0; results JSON in ``output_dir``)."""
+                   world_size: int = 1, limit: int = 0, progress: bool = True, oks_sigmas: Sequence[float] = ()
+                   ) -> dict[str, dict]:
+    """COCO bbox/segm/keypoints metrics of ``model`` on ``dataset`` (returned on rank 0; results JSON in
+    ``output_dir``); ``oks_sigmas`` for keypoint datasets other than COCO person."""
     net = model.module if hasattr(model, "module") else model
-    types = ["bbox"] + (["segm"] if net.roi_heads.mask_on else [])
-    evaluator = COCOEvaluator(dataset.json_path, dataset.class_map, types, output_dir)
+    types = ["bbox"] + (["segm"] if net.roi_heads.mask_on else []) + (["keypoints"] if net.roi_heads.num_keypoints else [])
+    evaluator = COCOEvaluator(dataset.json_path, dataset.class_map, types, output_dir, oks_sigmas)
     was_training = net.training
     net.eval()
     loader = inference_loader(dataset, rank, world_size, limit=limit)

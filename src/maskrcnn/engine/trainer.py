@@ -173,6 +173,15 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
         if info.main:
             print(f"model.roi_heads.num_classes set to the dataset's {class_map.num_classes} classes: {class_map.names}")
         cfg.model.roi_heads.num_classes = class_map.num_classes
+    if cfg.model.keypoint_on:
+        if not train_set.num_keypoints:
+            raise ValueError(f"model.keypoint_on is set but {paths['train'][0]} has no keypoints (no category "
+                             f"lists 'keypoints')")
+        if cfg.model.keypoint_head.num_keypoints != train_set.num_keypoints:
+            if info.main:
+                print(f"model.keypoint_head.num_keypoints set to the dataset's {train_set.num_keypoints}: "
+                      f"{class_map.keypoint_names}")
+            cfg.model.keypoint_head.num_keypoints = train_set.num_keypoints
     val_set = build_val_dataset(cfg, paths, class_map)
     if info.main:
         (out_dir / "config.yaml").write_text(cfg.to_yaml())
@@ -219,7 +228,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
         if val_set is None:
             return {}
         metrics = evaluate_model(model, val_set, out_dir / "inference", info.rank, info.world_size,
-                                 cfg.train.eval_max_images, progress)
+                                 cfg.train.eval_max_images, progress, cfg.model.keypoint_head.oks_sigmas)
         if info.main and metrics:
             log.write({"iteration": it, **_flat_metrics(metrics)})
         return metrics

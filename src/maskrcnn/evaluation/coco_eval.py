@@ -69,12 +69,23 @@ class COCOEvaluator:
     """Accumulate predictions with :meth:`process`, then :meth:`evaluate` (rank 0 returns the numbers)."""
 
     def __init__(self, json_path: str | Path, class_map: ClassMap, iou_types: Sequence[str] = ("bbox", "segm"),
-                 output_dir: str | Path | None = None) -> None:
+                 output_dir: str | Path | None = None, oks_sigmas: Sequence[float] = ()) -> None:
         from pycocotools.coco import COCO
 
         self.json_path = Path(json_path)
         with _quiet():
             self.coco = COCO(str(self.json_path))
+        self.oks_sigmas = np.asarray(oks_sigmas, dtype=np.float64) if len(oks_sigmas) else None
+        if "keypoints" in iou_types:
+            k = len(class_map.keypoint_names)
+            if self.oks_sigmas is None and k != 17:
+                raise ValueError(f"{json_path}: OKS needs one sigma per keypoint; pycocotools' defaults are COCO "
+                                 f"person's 17, this dataset has {k}: set model.keypoint_head.oks_sigmas")
+            if self.oks_sigmas is not None and len(self.oks_sigmas) != k:
+                raise ValueError(f"{len(self.oks_sigmas)} OKS sigmas for {k} keypoints")
+            for ann in self.coco.anns.values():  # pycocotools needs num_keypoints; not every file has it
+                if "num_keypoints" not in ann and "keypoints" in ann:
+                    ann["num_keypoints"] = int(np.count_nonzero(np.asarray(ann["keypoints"][2::3]) > 0))
         self.class_map = class_map
         self.iou_types = tuple(iou_types)
         self.output_dir = Path(output_dir) if output_dir else None
@@ -121,6 +132,8 @@ class COCOEvaluator:
                 dt = self.coco.loadRes(res)
                 ev = COCOeval(self.coco, dt, iou_type)
                 ev.params.imgIds = sorted(set(image_ids))
+                if iou_type == "keypoints" and self.oks_sigmas is not None:
+                    ev.params.kpt_oks_sigmas = self.oks_sigmas
                 ev.evaluate()
                 ev.accumulate()
                 ev.summarize()

@@ -5,6 +5,7 @@ Supported state dicts (a path to a ``.pth`` file or an already loaded dict; noth
 - ``maskrcnn_resnet50_fpn`` (v1), with the key names of torchvision >= 0.8 and the older ones
   (``fpn.inner_blocks.0.weight``, ``rpn.head.conv.weight``, ``mask_head.mask_fcn1.weight``);
 - ``maskrcnn_resnet50_fpn_v2``; ``fasterrcnn_resnet50_fpn`` and ``fasterrcnn_resnet50_fpn_v2``;
+- ``keypointrcnn_resnet50_fpn`` (person, 17 keypoints);
 - ImageNet ``resnet*`` / ``resnext*`` classification weights as a backbone initialisation.
 
 Use the matching preset (``torchvision_maskrcnn_resnet50_fpn`` ...). torchvision's released v1
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 
 from maskrcnn.interop.checkpoint import load_state_dict_checked, read_state_dict
 from maskrcnn.structures.class_map import ClassMap
+from maskrcnn.structures.keypoints import COCO_PERSON_KEYPOINTS, COCO_PERSON_SKELETON
 
 _BN = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
 
@@ -44,7 +46,10 @@ COCO_NAMES = {
 
 
 def coco_class_map(num_classes: int = 90) -> ClassMap:
-    """The class map of torchvision's COCO heads: label k is COCO category id k (1..90)."""
+    """The class map of torchvision's COCO heads: label k is COCO category id k (1..90); one class is
+    the person of the keypoint models, with COCO's 17 keypoints and skeleton."""
+    if num_classes == 1:
+        return ClassMap([1], ["person"], COCO_PERSON_KEYPOINTS, COCO_PERSON_SKELETON)
     ids = list(range(1, num_classes + 1))
     return ClassMap(ids, [COCO_NAMES.get(i, "N/A") if num_classes == 90 else str(i) for i in ids])
 
@@ -97,10 +102,15 @@ def _rename_detection_key(key: str, num_box_convs: int) -> str | None:
         (rf"^roi_heads\.mask_head\.(\d+)\.1\.{_BN}$", r"roi_heads.mask_head.convs.\1.norm.\2"),
         (r"^roi_heads\.mask_predictor\.conv5_mask\.(weight|bias)$", r"roi_heads.mask_head.deconv.\1"),
         (r"^roi_heads\.mask_predictor\.mask_fcn_logits\.(weight|bias)$", r"roi_heads.mask_head.predictor.\1"),
+        # keypoint head (conv, ReLU, conv, ReLU, ...) and predictor
+        (r"^roi_heads\.keypoint_predictor\.kps_score_lowres\.(weight|bias)$", r"roi_heads.keypoint_head.score_lowres.\1"),
     ]
     for pattern, repl in rules:
         if re.match(pattern, key):
             return re.sub(pattern, repl, key)
+    m = re.match(r"^roi_heads\.keypoint_head\.(\d+)\.(weight|bias)$", key)
+    if m and int(m.group(1)) % 2 == 0:
+        return f"roi_heads.keypoint_head.convs.{int(m.group(1)) // 2}.{m.group(2)}"
     m = re.match(r"^roi_heads\.mask_head\.mask_fcn(\d+)\.(weight|bias)$", key)
     if m:
         return f"roi_heads.mask_head.convs.{int(m.group(1)) - 1}.{m.group(2)}"
@@ -116,7 +126,7 @@ def _rename_detection_key(key: str, num_box_convs: int) -> str | None:
 
 
 def convert_detection_state_dict(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """torchvision Mask/Faster R-CNN state dict -> this package's key layout.
+    """torchvision Mask/Faster/Keypoint R-CNN state dict -> this package's key layout.
 
     Raises ``KeyError`` listing any key it does not recognise.
     """
@@ -129,7 +139,7 @@ def convert_detection_state_dict(state: Mapping[str, Tensor]) -> dict[str, Tenso
         else:
             out[new] = v
     if unknown:
-        raise KeyError(f"not a torchvision Mask/Faster R-CNN (ResNet-FPN) checkpoint: {len(unknown)} unknown keys, "
+        raise KeyError(f"not a torchvision Mask/Faster/Keypoint R-CNN (ResNet-FPN) checkpoint: {len(unknown)} unknown keys, "
                        f"e.g. {unknown[:8]}")
     return out
 

@@ -16,6 +16,7 @@ from maskrcnn.modeling.preprocess import ImagePreprocessor
 from maskrcnn.modeling.roi_heads.box_head import FastRCNNConvFCHead, FastRCNNPredictor
 from maskrcnn.modeling.roi_heads.c4 import Res5ROIHeads
 from maskrcnn.modeling.roi_heads.cascade import CascadeROIHeads
+from maskrcnn.modeling.roi_heads.keypoint_head import KeypointRCNNConvDeconvUpsampleHead
 from maskrcnn.modeling.roi_heads.mask_head import MaskRCNNConvUpsampleHead
 from maskrcnn.modeling.roi_heads.standard import StandardROIHeads
 from maskrcnn.modeling.rpn import RPN, RPNHead
@@ -86,6 +87,16 @@ def build_detector(cfg: Config) -> MaskRCNN:
                   detections_per_image=rh.detections_per_image, min_size=rh.min_size,
                   mask_target_aligned=mh.target_aligned, mask_target_sampling=mh.target_sampling_ratio,
                   mask_target_binarize=mh.target_binarize, crowd_ioa_thresh=rh.crowd_ioa_thresh)
+    if m.keypoint_on:
+        kh = m.keypoint_head
+        if kh.num_keypoints < 1:
+            raise ValueError(f"model.keypoint_head.num_keypoints must be >= 1, got {kh.num_keypoints}")
+        common.update(keypoint_pooler=MultiLevelRoIPooler(kh.pooler_resolution, strides, kh.pooler_sampling_ratio,
+                                                          kh.pooler_aligned, kh.pooler_type, **level_rule),
+                      keypoint_head=KeypointRCNNConvDeconvUpsampleHead(channels, kh.num_keypoints, kh.conv_dims,
+                                                                       kh.up_scale),
+                      keypoint_score=kh.score, keypoint_loss_weight=kh.loss_weight,
+                      keypoint_loss_normalizer=kh.loss_normalizer)
     cc = m.cascade
     if cc.enabled:
         if c4:

@@ -1,8 +1,9 @@
 """The detector: preprocess -> backbone -> RPN -> RoI heads -> postprocess, with torchvision's API.
 
 ``model(images)`` returns one dict per image with ``boxes (D, 4)`` (XYXY, original image pixels),
-``labels (D,)`` (1..K), ``scores (D,)`` and, with the mask head, ``masks (D, 1, H, W)`` (bool, or
-probabilities when the mask threshold is negative). ``model(images, targets)`` in training mode
+``labels (D,)`` (1..K), ``scores (D,)``, with the mask head ``masks (D, 1, H, W)`` (bool, or
+probabilities when the mask threshold is negative), and with the keypoint head ``keypoints (D, K, 3)``
+(x, y, 1) and ``keypoints_scores (D, K)``, as torchvision's Keypoint R-CNN. ``model(images, targets)`` in training mode
 returns a dict of named losses.
 """
 
@@ -57,7 +58,8 @@ class MaskRCNN(nn.Module):
         if self.training:
             if targets is None:
                 raise ValueError("the model is in training mode: pass targets, or call model.eval() to predict")
-            targets = self.preprocess.check_targets(targets, images, self.num_classes, self.roi_heads.mask_on)
+            targets = self.preprocess.check_targets(targets, images, self.num_classes, self.roi_heads.mask_on,
+                                                    self.roi_heads.num_keypoints)
         dtype = self.dtype
         original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
         batch, sizes, targets = self.preprocess(images, dtype, targets if self.training else None)

@@ -32,6 +32,12 @@ def resized_size(h: int, w: int, min_size: int, max_size: int, style: str) -> tu
     return int(h * scale + 0.5), int(w * scale + 0.5), scale
 
 
+def _scale_xy(keypoints: Tensor, sx: float, sy: float) -> Tensor:
+    """``(..., K, 3)`` keypoints with x, y scaled (visibility kept)."""
+    factor = torch.tensor([sx, sy, 1.0], dtype=keypoints.dtype, device=keypoints.device)
+    return keypoints * factor
+
+
 class ImagePreprocessor(nn.Module):
     """Normalise, resize and batch images (and their targets); rescale detections afterwards.
 
@@ -95,7 +101,8 @@ class ImagePreprocessor(nn.Module):
         return list(images)
 
     @staticmethod
-    def check_targets(targets: object, images: Sequence[Tensor], num_classes: int, need_masks: bool) -> list[dict]:
+    def check_targets(targets: object, images: Sequence[Tensor], num_classes: int, need_masks: bool,
+                      num_keypoints: int = 0) -> list[dict]:
         if not isinstance(targets, (list, tuple)) or len(targets) != len(images):
             raise ValueError(f"targets must be a list with one dict per image ({len(images)}), got "
                              f"{type(targets).__name__}{'' if not hasattr(targets, '__len__') else f' of {len(targets)}'}")
@@ -135,6 +142,14 @@ class ImagePreprocessor(nn.Module):
                                          f"to match its boxes and image, got {tuple(masks.shape)}")
                 else:
                     raise TypeError(f"targets[{i}]['masks'] must be a (G, H, W) tensor or PolygonMasks")
+            if num_keypoints:
+                kp = t.get("keypoints")
+                want = (boxes.shape[0], num_keypoints, 3)
+                if not isinstance(kp, Tensor) or tuple(kp.shape) != want or not kp.is_floating_point():
+                    raise ValueError(f"targets[{i}] needs 'keypoints', a float {want} tensor (x, y, visibility) to "
+                                     f"train the keypoint head, got {getattr(kp, 'shape', type(kp).__name__)}")
+                if kp.numel() and not bool(torch.isfinite(kp).all()):
+                    raise ValueError(f"targets[{i}]['keypoints'] contains NaN or inf")
             out.append(dict(t))
         return out
 
@@ -187,6 +202,8 @@ class ImagePreprocessor(nn.Module):
         for key in ("boxes", "crowd_boxes"):
             if key in t:
                 t[key] = t[key] * torch.tensor([sx, sy, sx, sy], dtype=t[key].dtype, device=t[key].device)
+        if "keypoints" in t:
+            t["keypoints"] = _scale_xy(t["keypoints"], sx, sy)
         masks = t.get("masks")
         if isinstance(masks, PolygonMasks):
             t["masks"] = masks.scale(sx, sy)
@@ -210,12 +227,15 @@ class ImagePreprocessor(nn.Module):
     def postprocess(dets: list[dict[str, Tensor]], sizes: Sequence[tuple[int, int]],
                     original_sizes: Sequence[tuple[int, int]], paste_style: str, mask_threshold: float | None
                     ) -> list[dict[str, Tensor]]:
-        """Boxes to original image coordinates; ``mask_probs`` pasted into full-size ``masks (D, 1, H, W)``."""
+        """Boxes and keypoints to original image coordinates; ``mask_probs`` pasted into full-size
+        ``masks (D, 1, H, W)``."""
         out = []
         for d, (h, w), (oh, ow) in zip(dets, sizes, original_sizes):
             r = dict(d)
             scale = torch.tensor([ow / w, oh / h, ow / w, oh / h], dtype=d["boxes"].dtype, device=d["boxes"].device)
             r["boxes"] = d["boxes"] * scale
+            if "keypoints" in r:
+                r["keypoints"] = _scale_xy(r["keypoints"], ow / w, oh / h)
             if "mask_probs" in r:
                 probs = r.pop("mask_probs")
                 r["masks"] = paste_masks_in_image(probs, r["boxes"], (oh, ow), paste_style, mask_threshold)[:, None]

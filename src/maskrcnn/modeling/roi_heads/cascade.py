@@ -121,6 +121,8 @@ class CascadeROIHeads(StandardROIHeads):
                 boxes = self._refine(k, deltas, rois.boxes, sizes, drop_empty=True)
         if self.mask_on and self.mask_mode == "last":
             losses["loss_mask"] = self.mask_loss(features, first, targets)
+        if self.keypoint_head is not None:
+            losses["loss_keypoint"] = self.keypoint_loss(features, first, targets)
         return losses
 
     def detect(self, features: Sequence[Tensor], proposals: Sequence[Tensor], image_sizes: Sequence[tuple[int, int]]
@@ -134,8 +136,7 @@ class CascadeROIHeads(StandardROIHeads):
         dets = detections_from_predictions(logits, deltas, boxes, image_sizes, self.stage_coders[-1], self.score_thresh,
                                            self.nms_thresh, self.detections_per_image, self.min_size,
                                            class_scores=torch.stack(scores).mean(0))
-        if self.mask_on:
-            self.add_masks(features, dets)
+        self.add_instance_outputs(features, dets)
         return dets
 
     def mask_probs(self, features: Sequence[Tensor], boxes: Sequence[Tensor], labels: Tensor) -> Tensor:

@@ -11,8 +11,10 @@ from torch import Tensor, nn
 from maskrcnn.modeling.matching import BalancedSampler, Matcher, Sampler, ignore_crowd
 from maskrcnn.modeling.poolers import MultiLevelRoIPooler
 from maskrcnn.modeling.roi_heads.box_head import FastRCNNPredictor, box_losses, detections_from_predictions
+from maskrcnn.modeling.roi_heads.keypoint_head import keypoint_loss
 from maskrcnn.modeling.roi_heads.mask_head import mask_loss, mask_probabilities, mask_targets
 from maskrcnn.structures.boxes import BoxCoder, pairwise_iou
+from maskrcnn.structures.keypoints import heatmaps_to_keypoints
 
 
 class SampledRoIs:
@@ -35,7 +37,7 @@ class SampledRoIs:
 
 
 class StandardROIHeads(nn.Module):
-    """Box branch (``box_pooler`` -> ``box_head`` -> ``box_predictor``) and optional mask branch.
+    """Box branch (``box_pooler`` -> ``box_head`` -> ``box_predictor``), optional mask and keypoint branches.
 
     Args:
         num_classes: foreground classes K; labels are 1..K, 0 is background.
@@ -50,6 +52,14 @@ class StandardROIHeads(nn.Module):
         mask_target_aligned, mask_target_sampling, mask_target_binarize: how bitmap ground truth is
             cropped into mask targets (see :func:`mask_targets`).
         crowd_ioa_thresh: background proposals this much inside a crowd region are not sampled.
+        keypoint_pooler, keypoint_head: the keypoint branch (run on the foreground RoIs in training,
+            on the detections at test time, like the mask branch).
+        keypoint_score: ``"logit"`` (torchvision) or ``"softmax"`` (detectron2) keypoint scores.
+        keypoint_loss_weight: multiplies the keypoint loss.
+        keypoint_loss_normalizer: ``"visible"``: mean over the labelled keypoints of the batch;
+            ``"fixed"``: divided by what a full sample would hold (detectron2's alternative,
+            ``images * batch_size_per_image * positive_fraction * K``), so that images with few
+            labelled keypoints weigh less.
     """
 
     def __init__(self, box_pooler: MultiLevelRoIPooler, box_head: nn.Module, box_predictor: FastRCNNPredictor,
@@ -59,7 +69,10 @@ class StandardROIHeads(nn.Module):
                  box_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0), smooth_l1_beta: float = 1 / 9,
                  score_thresh: float = 0.05, nms_thresh: float = 0.5, detections_per_image: int = 100,
                  min_size: float = 1e-2, mask_target_aligned: bool = False, mask_target_sampling: int = -1,
-                 mask_target_binarize: bool = False, crowd_ioa_thresh: float = 0.7) -> None:
+                 mask_target_binarize: bool = False, crowd_ioa_thresh: float = 0.7,
+                 keypoint_pooler: MultiLevelRoIPooler | None = None, keypoint_head: nn.Module | None = None,
+                 keypoint_score: str = "logit", keypoint_loss_weight: float = 1.0,
+                 keypoint_loss_normalizer: str = "visible") -> None:
         super().__init__()
         self.box_pooler = box_pooler
         self.box_head = box_head
@@ -69,6 +82,7 @@ class StandardROIHeads(nn.Module):
         self.num_classes = num_classes
         self.matcher = Matcher(fg_iou, bg_iou, allow_low_quality_matches=False)
         self.sampler: Sampler = BalancedSampler(batch_size_per_image, positive_fraction, salt=2)
+        self.positives_per_image = batch_size_per_image * positive_fraction  # at most
         self.append_gt = append_gt
         self.box_coder = BoxCoder(box_weights)
         self.smooth_l1_beta = smooth_l1_beta
@@ -79,10 +93,22 @@ class StandardROIHeads(nn.Module):
         self.mask_target = dict(aligned=mask_target_aligned, sampling_ratio=mask_target_sampling,
                                 binarize=mask_target_binarize)
         self.crowd_ioa_thresh = crowd_ioa_thresh
+        self.keypoint_pooler = keypoint_pooler
+        self.keypoint_head = keypoint_head
+        if keypoint_loss_normalizer not in ("visible", "fixed"):
+            raise ValueError(f"keypoint_loss_normalizer must be 'visible' or 'fixed', got {keypoint_loss_normalizer!r}")
+        self.keypoint_score = keypoint_score
+        self.keypoint_loss_weight = keypoint_loss_weight
+        self.keypoint_loss_normalizer = keypoint_loss_normalizer
 
     @property
     def mask_on(self) -> bool:
         return self.mask_head is not None
+
+    @property
+    def num_keypoints(self) -> int:
+        """K of the keypoint branch, 0 without one."""
+        return self.keypoint_head.num_keypoints if self.keypoint_head is not None else 0
 
     # -- training ---------------------------------------------------------------------------------
     def label_and_sample(self, proposals: Sequence[Tensor], targets: Sequence[dict], matcher: Matcher | None = None,
@@ -141,6 +167,17 @@ class StandardROIHeads(nn.Module):
         tgts = [mask_targets(t["masks"], b, m, size, **self.mask_target) for t, b, m in zip(targets, fg_boxes, fg_matched)]
         return mask_loss(mlogits, fg_labels, torch.cat(tgts) if tgts else mlogits.new_zeros(0))
 
+    def keypoint_loss(self, features: Sequence[Tensor], rois: SampledRoIs, targets: Sequence[dict]) -> Tensor:
+        """The keypoint loss of the foreground RoIs against their matched instances' keypoints."""
+        assert self.keypoint_pooler is not None and self.keypoint_head is not None
+        fg_boxes, fg_matched, _, _ = rois.foreground()
+        logits = self.keypoint_head(self.keypoint_pooler(features, fg_boxes))
+        normalizer = None
+        if self.keypoint_loss_normalizer == "fixed":
+            normalizer = len(targets) * self.positives_per_image * self.num_keypoints
+        loss = keypoint_loss(logits, fg_boxes, [t["keypoints"][m] for t, m in zip(targets, fg_matched)], normalizer)
+        return loss * self.keypoint_loss_weight
+
     def losses(self, features: Sequence[Tensor], proposals: Sequence[Tensor], targets: Sequence[dict],
                image_sizes: Sequence[tuple[int, int]] | None = None) -> dict[str, Tensor]:
         """``image_sizes`` clip the boxes a cascade refines between stages; one stage does not need them."""
@@ -149,6 +186,8 @@ class StandardROIHeads(nn.Module):
         losses = self.box_loss(*self.box_predictor(feats), rois, self.box_coder)
         if self.mask_on:
             losses["loss_mask"] = self.mask_loss(features, rois, targets, feats)
+        if self.keypoint_head is not None:
+            losses["loss_keypoint"] = self.keypoint_loss(features, rois, targets)
         return losses
 
     # -- inference --------------------------------------------------------------------------------
@@ -157,9 +196,25 @@ class StandardROIHeads(nn.Module):
         logits, deltas = self.box_predictor(self.box_features(features, proposals))
         dets = detections_from_predictions(logits, deltas, proposals, image_sizes, self.box_coder, self.score_thresh,
                                            self.nms_thresh, self.detections_per_image, self.min_size)
+        self.add_instance_outputs(features, dets)
+        return dets
+
+    def add_instance_outputs(self, features: Sequence[Tensor], dets: list[dict[str, Tensor]]) -> None:
+        """Run the mask and keypoint branches (those present) on the final detections."""
         if self.mask_on:
             self.add_masks(features, dets)
-        return dets
+        if self.keypoint_head is not None:
+            self.add_keypoints(features, dets)
+
+    def add_keypoints(self, features: Sequence[Tensor], dets: list[dict[str, Tensor]]) -> None:
+        """Adds ``keypoints (D, K, 3)`` (x, y, 1) and ``keypoints_scores (D, K)`` to each image's detections."""
+        assert self.keypoint_pooler is not None and self.keypoint_head is not None
+        boxes = [d["boxes"] for d in dets]
+        logits = self.keypoint_head(self.keypoint_pooler(features, boxes))
+        kps, scores = heatmaps_to_keypoints(logits, torch.cat(boxes), self.keypoint_score)
+        sizes = [b.shape[0] for b in boxes]
+        for d, kp, sc in zip(dets, kps.split(sizes), scores.split(sizes)):
+            d["keypoints"], d["keypoints_scores"] = kp, sc
 
     def add_masks(self, features: Sequence[Tensor], dets: list[dict[str, Tensor]]) -> None:
         """Adds ``mask_probs (D, M, M)`` of the predicted class to each image's detections."""
