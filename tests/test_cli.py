@@ -126,3 +126,17 @@ def test_keypoint_preset_trains_evaluates_and_predicts_through_the_cli(tmp_path,
     results = json.loads((tmp_path / "pred" / "predictions.json").read_text())
     assert results and all(len(r["keypoints"]) == 15 for r in results)
     assert "loss_keypoint" in (tmp_path / "train" / "metrics.jsonl").read_text()
+
+
+def test_detectron2_pkl_predicts_and_converts_through_the_cli(tmp_path):
+    fixtures = Path(__file__).parent / "fixtures" / "detectron2"
+    spec = json.loads((fixtures / "mask_rcnn_R_50_FPN.json").read_text())
+    sets = _sets(spec["overrides"])
+    pkl = str(fixtures / "mask_rcnn_R_50_FPN.pkl")
+    assert main(["predict", str(fixtures / "image.png"), "--weights", pkl, "--config", spec["preset"], *sets,
+                 "--output", str(tmp_path / "pred"), "--score-thresh", "0"]) == 0
+    assert (tmp_path / "pred" / "image.png").is_file()
+    assert len(json.loads((tmp_path / "pred" / "predictions.json").read_text())) > 10
+    assert main(["convert", pkl, str(tmp_path / "ours.pth"), "--config", spec["preset"], *sets]) == 0
+    pred = Predictor(tmp_path / "ours.pth", "cpu")
+    assert pred.class_map.num_classes == 5 and pred.cfg.model.input.channel_order == "BGR"

@@ -44,7 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="COCO AP (bbox, segm) of a checkpoint on a dataset",
                        description="Evaluate a checkpoint on data.val_json (or --dataset) with pycocotools; prints "
                        "the 12-number summaries and per-class AP, writes COCO results JSON.")
-    e.add_argument("--weights", "-w", required=True, help="checkpoint (from train or convert)")
+    e.add_argument("--weights", "-w", required=True, help="checkpoint (from train or convert), or with --config a "
+                   "detectron2 .pkl/.pth or torchvision .pth")
+    e.add_argument("--config", "-c", metavar="PRESET_OR_YAML",
+                   help="the model of a detectron2/torchvision --weights file (e.g. detectron2_mask_rcnn_R_50_FPN_3x)")
     e.add_argument("--dataset", help="instances JSON to evaluate on (default: the checkpoint's data.val_json)")
     e.add_argument("--images", help="image folder of --dataset (default: the JSON's folder)")
     e.add_argument("--output", default="outputs/eval", help="where results JSON go (default: outputs/eval)")
@@ -56,7 +59,10 @@ def _parser() -> argparse.ArgumentParser:
                        description="Run a checkpoint on images (files, folders or glob patterns); writes overlay "
                        "PNGs (masks, boxes, class names, scores) and predictions.json (COCO results format).")
     r.add_argument("inputs", nargs="+", help="image files, folders, or glob patterns")
-    r.add_argument("--weights", "-w", required=True, help="checkpoint (from train or convert)")
+    r.add_argument("--weights", "-w", required=True, help="checkpoint (from train or convert), or with --config a "
+                   "detectron2 .pkl/.pth or torchvision .pth")
+    r.add_argument("--config", "-c", metavar="PRESET_OR_YAML",
+                   help="the model of a detectron2/torchvision --weights file (e.g. detectron2_mask_rcnn_R_50_FPN_3x)")
     r.add_argument("--output", default="outputs/predict", help="output folder (default: outputs/predict)")
     r.add_argument("--score-thresh", type=float, default=0.5, help="minimum score to keep (default: 0.5)")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -69,12 +75,15 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(d, "shapes_R_18_FPN")
     d.add_argument("--no-progress", action="store_true")
 
-    c = sub.add_parser("convert", help="convert a torchvision checkpoint into a maskrcnn checkpoint",
-                       description="Read torchvision Mask/Faster R-CNN weights (a local .pth) and write a checkpoint "
-                       "that eval/predict/train (train.init_weights) use, with COCO's class map.")
-    c.add_argument("source", help="torchvision state dict file, e.g. maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth")
+    c = sub.add_parser("convert", help="convert a torchvision or detectron2 checkpoint into a maskrcnn checkpoint",
+                       description="Read torchvision (.pth) or detectron2 (model zoo .pkl, or .pth) weights and write "
+                       "a checkpoint that eval/predict/train (train.init_weights) use, with COCO's class map. "
+                       "To fine-tune on other classes, train with train.init_weights=<it> and "
+                       "train.init_weights_reset_heads=true.")
+    c.add_argument("source", help="e.g. maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth or model_final_f10217.pkl")
     c.add_argument("destination", help="output checkpoint path")
-    c.add_argument("--from", dest="source_format", choices=["torchvision"], default="torchvision")
+    c.add_argument("--from", dest="source_format", choices=["auto", "torchvision", "detectron2"], default="auto",
+                   help="auto: detectron2 for .pkl files and detectron2_* presets, else torchvision")
     _add_config_args(c, "torchvision_maskrcnn_resnet50_fpn")
 
     s = sub.add_parser("smoke", help="run the detection ops (NMS, RoIAlign, RoIPool) on a generated image",
@@ -162,7 +171,7 @@ def _cmd_eval(args) -> int:
 
     from maskrcnn.data.build import dataset_paths
 
-    pred = Predictor(args.weights, args.device, args.overrides)
+    pred = Predictor(args.weights, args.device, args.overrides, args.config)
     if args.dataset:
         json_path, images = Path(args.dataset), Path(args.images or Path(args.dataset).parent)
     else:  # the validation set the checkpoint was trained with (its own files, or the built-in shapes)
@@ -181,7 +190,7 @@ def _cmd_predict(args) -> int:
     from maskrcnn.engine.predictor import Predictor
 
     paths = _expand_inputs(args.inputs)  # before loading the model: a typo fails at once
-    pred = Predictor(args.weights, args.device, args.overrides)
+    pred = Predictor(args.weights, args.device, args.overrides, args.config)
     json_path = predict_images(pred, paths, Path(args.output), args.score_thresh)
     print(f"wrote overlays and {json_path}")
     return 0
@@ -217,11 +226,11 @@ def _cmd_convert(args) -> int:
     from maskrcnn.build import build_model
     from maskrcnn.config import get_config
     from maskrcnn.engine.checkpoint import save_checkpoint
-    from maskrcnn.interop.torchvision import coco_class_map, load_torchvision_detection
+    from maskrcnn.interop.external import load_external
 
     cfg = get_config(args.config, args.overrides)
-    model = load_torchvision_detection(build_model(cfg), args.source)
-    class_map = coco_class_map(cfg.model.roi_heads.num_classes)
+    model = build_model(cfg)
+    class_map = load_external(model, args.source, cfg, args.config, args.source_format)
     path = save_checkpoint(args.destination, model.state_dict(), cfg.to_dict(), class_map.to_dict(), 0)
     print(f"wrote {path} ({args.config}, {class_map.num_classes} classes)")
     return 0

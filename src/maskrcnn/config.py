@@ -107,6 +107,7 @@ class ROIHeadsConfig:
     nms_thresh: float = 0.5
     detections_per_image: int = 100
     min_size: float = 0.0  # detections narrower or shorter than this are dropped (< 0: keep all)
+    drop_empty_detections: bool = False  # detectron2: after NMS and top-k, drop zero-width/height boxes
     pooler_canonical_scale: float = 224.0  # FPN level assignment, Eqn. 1 of the FPN paper
     pooler_canonical_level: int = 4
     pooler_level_eps: float = 0.0  # torchvision: 1e-6 added to the level
@@ -546,6 +547,61 @@ def shapes_keypoint_R_18_FPN() -> Config:
     return cfg
 
 
+def _detectron2_convention(cfg: Config) -> Config:
+    """What detectron2's MSRA-initialised zoo models expect: BGR pixels in 0-255 minus the mean (std 1),
+    stride in the 1x1 conv, detectron2's resize; the heads already follow detectron2 in our presets."""
+    m = cfg.model
+    m.input.channel_order, m.input.pixel_scale = "BGR", 255.0
+    m.input.pixel_mean, m.input.pixel_std = (103.53, 116.28, 123.675), (1.0, 1.0, 1.0)
+    m.input.resize_style = "detectron2"
+    m.input.min_size_train = (640, 672, 704, 736, 768, 800)
+    m.backbone.stride_in_1x1 = True
+    m.roi_heads.min_size, m.roi_heads.drop_empty_detections = -1.0, True
+    m.keypoint_head.score = "softmax"
+    return cfg
+
+
+def detectron2_mask_rcnn_R_50_FPN_3x() -> Config:
+    """detectron2's ``COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x`` (zoo ``model_final_f10217.pkl``)."""
+    return _detectron2_convention(Config())
+
+
+def detectron2_mask_rcnn_R_101_FPN_3x() -> Config:
+    cfg = detectron2_mask_rcnn_R_50_FPN_3x()
+    cfg.model.backbone.depth = 101
+    return cfg
+
+
+def detectron2_mask_rcnn_X_101_32x8d_FPN_3x() -> Config:
+    """X101-32x8d: FAIR's ImageNet trunk, so the stride sits in the 3x3 conv and the std is not 1."""
+    cfg = detectron2_mask_rcnn_R_101_FPN_3x()
+    b = cfg.model.backbone
+    b.groups, b.width_per_group, b.stride_in_1x1 = 32, 8, False
+    cfg.model.input.pixel_std = (57.375, 57.12, 58.395)
+    return cfg
+
+
+def detectron2_faster_rcnn_R_50_FPN_3x() -> Config:
+    cfg = detectron2_mask_rcnn_R_50_FPN_3x()
+    cfg.model.mask_on = False
+    return cfg
+
+
+def detectron2_cascade_mask_rcnn_R_50_FPN_3x() -> Config:
+    """detectron2's ``Misc/cascade_mask_rcnn_R_50_FPN_3x``: 2-FC box heads, class-agnostic, 3 stages."""
+    cfg = detectron2_mask_rcnn_R_50_FPN_3x()
+    m = cfg.model
+    m.cascade.enabled = True
+    m.box_head.class_agnostic = True
+    m.rpn.post_nms_topk_train = 2000
+    return cfg
+
+
+def detectron2_keypoint_rcnn_R_50_FPN_3x() -> Config:
+    """detectron2's ``COCO-Keypoints/keypoint_rcnn_R_50_FPN_3x`` (person, 17 keypoints)."""
+    return _detectron2_convention(keypoint_rcnn_R_50_FPN())
+
+
 def faster_rcnn_R_50_FPN() -> Config:
     cfg = Config()
     cfg.model.mask_on = False
@@ -624,7 +680,9 @@ PRESETS = {
               cascade_mask_rcnn_X_101_32x8d_FPN, shapes_cascade_R_18_FPN, keypoint_rcnn_R_50_FPN,
               shapes_keypoint_R_18_FPN, torchvision_maskrcnn_resnet50_fpn, torchvision_maskrcnn_resnet50_fpn_v2,
               torchvision_keypointrcnn_resnet50_fpn, torchvision_fasterrcnn_resnet50_fpn,
-              torchvision_fasterrcnn_resnet50_fpn_v2)
+              torchvision_fasterrcnn_resnet50_fpn_v2, detectron2_mask_rcnn_R_50_FPN_3x, detectron2_mask_rcnn_R_101_FPN_3x,
+              detectron2_mask_rcnn_X_101_32x8d_FPN_3x, detectron2_faster_rcnn_R_50_FPN_3x,
+              detectron2_cascade_mask_rcnn_R_50_FPN_3x, detectron2_keypoint_rcnn_R_50_FPN_3x)
 }
 
 

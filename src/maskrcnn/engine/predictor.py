@@ -55,21 +55,32 @@ class Predictor:
         checkpoint: a file written by ``maskrcnn train`` or ``maskrcnn convert``.
         device: "auto", "cpu", "cuda", ...
         overrides: dotted config overrides for inference, e.g. ``["model.roi_heads.score_thresh=0.5"]``.
+        config: a preset or YAML describing the model of ``checkpoint`` when that is a detectron2
+            (``.pkl``, or ``.pth`` with a ``detectron2_*`` preset) or torchvision file: it is
+            converted on the fly, with COCO's class map.
     """
 
-    def __init__(self, checkpoint: str | Path, device: str = "auto", overrides: Sequence[str] = ()) -> None:
-        from maskrcnn.config import apply_overrides
+    def __init__(self, checkpoint: str | Path, device: str = "auto", overrides: Sequence[str] = (),
+                 config: str | None = None) -> None:
+        from maskrcnn.config import apply_overrides, get_config
 
-        state = load_checkpoint(checkpoint)
-        self.cfg = apply_overrides(config_of(state), list(overrides))
-        self.class_map = ClassMap.from_dict(state["classes"])
-        if self.cfg.model.roi_heads.num_classes != self.class_map.num_classes:
-            raise ValueError(f"{checkpoint}: config has {self.cfg.model.roi_heads.num_classes} classes but the class "
-                             f"map {self.class_map.num_classes}")
+        if config:
+            from maskrcnn.interop.external import load_external
+
+            self.cfg = get_config(config, list(overrides))
+            self.model: MaskRCNN = build_model(self.cfg)
+            self.class_map = load_external(self.model, checkpoint, self.cfg, config)
+        else:
+            state = load_checkpoint(checkpoint)
+            self.cfg = apply_overrides(config_of(state), list(overrides))
+            self.class_map = ClassMap.from_dict(state["classes"])
+            if self.cfg.model.roi_heads.num_classes != self.class_map.num_classes:
+                raise ValueError(f"{checkpoint}: config has {self.cfg.model.roi_heads.num_classes} classes but the "
+                                 f"class map {self.class_map.num_classes}")
+            self.model = build_model(self.cfg)
+            self.model.load_state_dict(state["model"])
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                    ("cpu" if device == "auto" else device))
-        self.model: MaskRCNN = build_model(self.cfg)
-        self.model.load_state_dict(state["model"])
         self.model.to(self.device).eval()
 
     def __call__(self, image: ImageLike) -> dict:

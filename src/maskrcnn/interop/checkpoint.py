@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -30,6 +31,14 @@ def read_state_dict(checkpoint: str | Path | Mapping[str, Tensor]) -> dict[str, 
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{checkpoint}: expected a mapping of parameter names to tensors")
     return dict(state)
+
+
+def rename_by_rules(key: str, rules: Iterable[tuple[str, str]]) -> str | None:
+    """``key`` rewritten by the first ``(regex, replacement)`` rule that matches it; None if none does."""
+    for pattern, repl in rules:
+        if re.match(pattern, key):
+            return re.sub(pattern, repl, key)
+    return None
 
 
 def load_state_dict_checked(model: nn.Module, state: Mapping[str, Tensor], source: str,

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from maskrcnn.interop.checkpoint import load_state_dict_checked, read_state_dict
+from maskrcnn.interop.checkpoint import load_state_dict_checked, read_state_dict, rename_by_rules
 from maskrcnn.structures.class_map import ClassMap
 from maskrcnn.structures.keypoints import COCO_PERSON_KEYPOINTS, COCO_PERSON_SKELETON
 
@@ -46,10 +46,13 @@ COCO_NAMES = {
 
 
 def coco_class_map(num_classes: int = 90) -> ClassMap:
-    """The class map of torchvision's COCO heads: label k is COCO category id k (1..90); one class is
-    the person of the keypoint models, with COCO's 17 keypoints and skeleton."""
+    """The class map of COCO-trained heads: 90 slots (torchvision: label k is COCO category id k),
+    80 (detectron2: the 80 used ids in order), or 1 (the person of the keypoint models, with COCO's
+    17 keypoints and skeleton)."""
     if num_classes == 1:
         return ClassMap([1], ["person"], COCO_PERSON_KEYPOINTS, COCO_PERSON_SKELETON)
+    if num_classes == 80:  # detectron2's (and most libraries') contiguous labels of COCO's 80 categories
+        return ClassMap(list(COCO_NAMES), list(COCO_NAMES.values()))
     ids = list(range(1, num_classes + 1))
     return ClassMap(ids, [COCO_NAMES.get(i, "N/A") if num_classes == 90 else str(i) for i in ids])
 
@@ -105,9 +108,9 @@ def _rename_detection_key(key: str, num_box_convs: int) -> str | None:
         # keypoint head (conv, ReLU, conv, ReLU, ...) and predictor
         (r"^roi_heads\.keypoint_predictor\.kps_score_lowres\.(weight|bias)$", r"roi_heads.keypoint_head.score_lowres.\1"),
     ]
-    for pattern, repl in rules:
-        if re.match(pattern, key):
-            return re.sub(pattern, repl, key)
+    renamed = rename_by_rules(key, rules)
+    if renamed is not None:
+        return renamed
     m = re.match(r"^roi_heads\.keypoint_head\.(\d+)\.(weight|bias)$", key)
     if m and int(m.group(1)) % 2 == 0:
         return f"roi_heads.keypoint_head.convs.{int(m.group(1)) // 2}.{m.group(2)}"

@@ -86,7 +86,8 @@ def build_detector(cfg: Config) -> MaskRCNN:
                   smooth_l1_beta=bh.smooth_l1_beta, score_thresh=rh.score_thresh, nms_thresh=rh.nms_thresh,
                   detections_per_image=rh.detections_per_image, min_size=rh.min_size,
                   mask_target_aligned=mh.target_aligned, mask_target_sampling=mh.target_sampling_ratio,
-                  mask_target_binarize=mh.target_binarize, crowd_ioa_thresh=rh.crowd_ioa_thresh)
+                  mask_target_binarize=mh.target_binarize, crowd_ioa_thresh=rh.crowd_ioa_thresh,
+                  drop_empty_detections=rh.drop_empty_detections)
     if m.keypoint_on:
         kh = m.keypoint_head
         if kh.num_keypoints < 1:

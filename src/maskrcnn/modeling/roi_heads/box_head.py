@@ -94,9 +94,11 @@ def box_losses(class_logits: Tensor, deltas: Tensor, labels: Tensor, target_delt
 def detections_from_predictions(class_logits: Tensor, deltas: Tensor, proposals: Sequence[Tensor],
                                 image_sizes: Sequence[tuple[int, int]], box_coder: BoxCoder, score_thresh: float,
                                 nms_thresh: float, max_detections: int, min_size: float,
-                                class_scores: Tensor | None = None) -> list[dict[str, Tensor]]:
+                                class_scores: Tensor | None = None, drop_empty: bool = False
+                                ) -> list[dict[str, Tensor]]:
     """Per image: boxes of every (proposal, class) pair with score > ``score_thresh``, clipped, those
-    at least ``min_size`` wide and tall, per-class NMS, the best ``max_detections``.
+    at least ``min_size`` wide and tall, per-class NMS, the best ``max_detections``; ``drop_empty``:
+    then without those of zero width or height (detectron2's order: fewer than the maximum may remain).
 
     Returns dicts with ``boxes (D, 4)``, ``scores (D,)``, ``labels (D,)`` (1..K).
     ``class_scores`` replaces ``softmax(class_logits)`` when given (Cascade R-CNN averages stages).
@@ -117,5 +119,8 @@ def detections_from_predictions(class_logits: Tensor, deltas: Tensor, proposals:
             keep &= ((boxes[:, 2] - boxes[:, 0]) >= min_size) & ((boxes[:, 3] - boxes[:, 1]) >= min_size)
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         keep = batched_nms_unchecked(boxes, scores, labels, nms_thresh)[:max_detections]
+        if drop_empty:
+            kept = boxes[keep]
+            keep = keep[(kept[:, 2] > kept[:, 0]) & (kept[:, 3] > kept[:, 1])]
         out.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
     return out

@@ -135,7 +135,7 @@ class CascadeROIHeads(StandardROIHeads):
                 boxes = self._refine(k, deltas, boxes, image_sizes, drop_empty=False)
         dets = detections_from_predictions(logits, deltas, boxes, image_sizes, self.stage_coders[-1], self.score_thresh,
                                            self.nms_thresh, self.detections_per_image, self.min_size,
-                                           class_scores=torch.stack(scores).mean(0))
+                                           class_scores=torch.stack(scores).mean(0), drop_empty=self.drop_empty_detections)
         self.add_instance_outputs(features, dets)
         return dets
 

@@ -49,6 +49,7 @@ class StandardROIHeads(nn.Module):
         box_weights: the BoxCoder weights of the deltas (10, 10, 5, 5).
         smooth_l1_beta: box loss transition (torchvision 1/9, detectron2 0 = L1).
         score_thresh, nms_thresh, detections_per_image, min_size: inference (0.05, 0.5, 100, 1e-2).
+        drop_empty_detections: drop zero-width/height detections after NMS and top-k (detectron2).
         mask_target_aligned, mask_target_sampling, mask_target_binarize: how bitmap ground truth is
             cropped into mask targets (see :func:`mask_targets`).
         crowd_ioa_thresh: background proposals this much inside a crowd region are not sampled.
@@ -72,7 +73,7 @@ class StandardROIHeads(nn.Module):
                  mask_target_binarize: bool = False, crowd_ioa_thresh: float = 0.7,
                  keypoint_pooler: MultiLevelRoIPooler | None = None, keypoint_head: nn.Module | None = None,
                  keypoint_score: str = "logit", keypoint_loss_weight: float = 1.0,
-                 keypoint_loss_normalizer: str = "visible") -> None:
+                 keypoint_loss_normalizer: str = "visible", drop_empty_detections: bool = False) -> None:
         super().__init__()
         self.box_pooler = box_pooler
         self.box_head = box_head
@@ -90,6 +91,7 @@ class StandardROIHeads(nn.Module):
         self.nms_thresh = nms_thresh
         self.detections_per_image = detections_per_image
         self.min_size = min_size
+        self.drop_empty_detections = drop_empty_detections
         self.mask_target = dict(aligned=mask_target_aligned, sampling_ratio=mask_target_sampling,
                                 binarize=mask_target_binarize)
         self.crowd_ioa_thresh = crowd_ioa_thresh
@@ -195,7 +197,8 @@ class StandardROIHeads(nn.Module):
                ) -> list[dict[str, Tensor]]:
         logits, deltas = self.box_predictor(self.box_features(features, proposals))
         dets = detections_from_predictions(logits, deltas, proposals, image_sizes, self.box_coder, self.score_thresh,
-                                           self.nms_thresh, self.detections_per_image, self.min_size)
+                                           self.nms_thresh, self.detections_per_image, self.min_size,
+                                           drop_empty=self.drop_empty_detections)
         self.add_instance_outputs(features, dets)
         return dets
 
