@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--list-presets", action="store_true", help="print the preset names and exit")
 
-    e = sub.add_parser("eval", help="COCO AP (bbox, segm) of a checkpoint on a dataset",
+    e = sub.add_parser("eval", help="COCO AP (bbox, segm, keypoints) of a checkpoint on a dataset",
                        description="Evaluate a checkpoint on data.val_json (or --dataset) with pycocotools; prints "
                        "the 12-number summaries and per-class AP, writes COCO results JSON.")
     e.add_argument("--weights", "-w", required=True, help="checkpoint (from train or convert), or with --config a "
@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="inference overrides, e.g. --set model.roi_heads.score_thresh=0.01")
     e.add_argument("--device", default="auto")
 
-    r = sub.add_parser("predict", help="detect and segment objects in images",
+    r = sub.add_parser("predict", help="detect and segment objects (and keypoints) in images",
                        description="Run a checkpoint on images (files, folders or glob patterns); writes overlay "
                        "PNGs (masks, boxes, class names, scores) and predictions.json (COCO results format).")
     r.add_argument("inputs", nargs="+", help="image files, folders, or glob patterns")
