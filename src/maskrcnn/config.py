@@ -184,6 +184,7 @@ class ModelConfig:
     architecture: str = _choice("FPN", ("FPN", "C4"), "FPN (P2-P6) or the paper's res4/res5 C4 model")
     mask_on: bool = True
     keypoint_on: bool = False
+    box_decode_float32: bool = False  # detectron2 decodes boxes in float32 even in float64 (matters only there)
     channels_last: bool = True  # NHWC feature maps: ~25% faster convolutions on CPU (oneDNN) and tensor cores
     input: InputConfig = field(default_factory=InputConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -547,16 +548,27 @@ def shapes_keypoint_R_18_FPN() -> Config:
     return cfg
 
 
+def torch_float32(v: float) -> float:
+    """``v`` rounded to the nearest float32."""
+    import struct
+
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
 def _detectron2_convention(cfg: Config) -> Config:
     """What detectron2's MSRA-initialised zoo models expect: BGR pixels in 0-255 minus the mean (std 1),
     stride in the 1x1 conv, detectron2's resize; the heads already follow detectron2 in our presets."""
     m = cfg.model
     m.input.channel_order, m.input.pixel_scale = "BGR", 255.0
-    m.input.pixel_mean, m.input.pixel_std = (103.53, 116.28, 123.675), (1.0, 1.0, 1.0)
+    # detectron2's mean as its float32 buffer holds it (103.53 -> 103.52999877...): the same in float32,
+    # and what a float64 detectron2 model subtracts
+    m.input.pixel_mean = tuple(float(torch_float32(v)) for v in (103.53, 116.28, 123.675))
+    m.input.pixel_std = (1.0, 1.0, 1.0)
     m.input.resize_style = "detectron2"
     m.input.min_size_train = (640, 672, 704, 736, 768, 800)
     m.backbone.stride_in_1x1 = True
     m.roi_heads.min_size, m.roi_heads.drop_empty_detections = -1.0, True
+    m.box_decode_float32 = True
     m.keypoint_head.score = "softmax"
     return cfg
 
@@ -577,7 +589,7 @@ def detectron2_mask_rcnn_X_101_32x8d_FPN_3x() -> Config:
     cfg = detectron2_mask_rcnn_R_101_FPN_3x()
     b = cfg.model.backbone
     b.groups, b.width_per_group, b.stride_in_1x1 = 32, 8, False
-    cfg.model.input.pixel_std = (57.375, 57.12, 58.395)
+    cfg.model.input.pixel_std = tuple(torch_float32(v) for v in (57.375, 57.12, 58.395))
     return cfg
 
 

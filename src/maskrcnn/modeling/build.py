@@ -116,6 +116,9 @@ def build_detector(cfg: Config) -> MaskRCNN:
     else:
         heads_cls = Res5ROIHeads if c4 else StandardROIHeads
         roi_heads = heads_cls(box_pooler, box_head, predictor, rh.num_classes, mask_pooler, mask_head, **common)
+    if m.box_decode_float32:
+        for coder in [rpn.box_coder, roi_heads.box_coder, *getattr(roi_heads, "stage_coders", [])]:
+            coder.float32 = True
     model = MaskRCNN(preprocess, backbone, rpn, roi_heads, rh.num_classes, rpn_levels, roi_levels, mh.paste_style,
                      mh.mask_threshold, m.channels_last)
     return model.to(memory_format=torch.channels_last) if m.channels_last else model

@@ -85,14 +85,18 @@ class BoxCoder:
 
     ``weights = (wx, wy, ww, wh)``: (1, 1, 1, 1) for the RPN, (10, 10, 5, 5) for the box head;
     Cascade R-CNN stages use (20, 20, 10, 10) and (30, 30, 15, 15).
+
+    ``float32``: decode in float32 whatever the deltas' dtype (detectron2 does, even in a float64
+    model); the result keeps the deltas' dtype.
     """
 
     def __init__(self, weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0),
-                 scale_clamp: float = DEFAULT_SCALE_CLAMP) -> None:
+                 scale_clamp: float = DEFAULT_SCALE_CLAMP, float32: bool = False) -> None:
         if len(weights) != 4 or any(not (w > 0) for w in weights):
             raise ValueError(f"BoxCoder: `weights` must be 4 positive numbers, got {weights!r}")
         self.weights = tuple(float(w) for w in weights)
         self.scale_clamp = float(scale_clamp)
+        self.float32 = float32
 
     def __repr__(self) -> str:
         return f"BoxCoder(weights={self.weights}, scale_clamp={self.scale_clamp:.4f})"
@@ -124,6 +128,8 @@ class BoxCoder:
             raise ValueError(
                 f"BoxCoder.decode: `deltas` must be (N, 4k) for N = {boxes.shape[0]} boxes, got {tuple(deltas.shape)}"
             )
+        if self.float32 and deltas.dtype != torch.float32:
+            return self.decode(deltas.float(), boxes.float()).to(deltas.dtype)
         boxes = boxes.to(deltas.dtype)
         wx, wy, ww, wh = self.weights
         widths = (boxes[:, 2] - boxes[:, 0])[:, None]
