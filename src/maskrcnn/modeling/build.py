@@ -54,7 +54,7 @@ def build_detector(cfg: Config) -> MaskRCNN:
               r.batch_size_per_image, r.positive_fraction, (r.pre_nms_topk_train, r.pre_nms_topk_test),
               (r.post_nms_topk_train, r.post_nms_topk_test), r.nms_thresh, r.min_size, r.score_thresh,
               r.bbox_reg_weights, r.smooth_l1_beta, r.loss_normalizer, r.objectness_loss_weight, r.box_loss_weight,
-              r.nms_on_probability, r.crowd_ioa_thresh)
+              r.nms_on_probability, r.crowd_ioa_thresh, m.box_decode_float32)
 
     rh, bh, mh = m.roi_heads, m.box_head, m.mask_head
     level_rule = dict(canonical_scale=rh.pooler_canonical_scale, canonical_level=rh.pooler_canonical_level,
@@ -87,7 +87,7 @@ def build_detector(cfg: Config) -> MaskRCNN:
                   detections_per_image=rh.detections_per_image, min_size=rh.min_size,
                   mask_target_aligned=mh.target_aligned, mask_target_sampling=mh.target_sampling_ratio,
                   mask_target_binarize=mh.target_binarize, crowd_ioa_thresh=rh.crowd_ioa_thresh,
-                  drop_empty_detections=rh.drop_empty_detections)
+                  drop_empty_detections=rh.drop_empty_detections, box_decode_float32=m.box_decode_float32)
     if m.keypoint_on:
         kh = m.keypoint_head
         if kh.num_keypoints < 1:
@@ -116,9 +116,6 @@ def build_detector(cfg: Config) -> MaskRCNN:
     else:
         heads_cls = Res5ROIHeads if c4 else StandardROIHeads
         roi_heads = heads_cls(box_pooler, box_head, predictor, rh.num_classes, mask_pooler, mask_head, **common)
-    if m.box_decode_float32:
-        for coder in [rpn.box_coder, roi_heads.box_coder, *getattr(roi_heads, "stage_coders", [])]:
-            coder.float32 = True
     model = MaskRCNN(preprocess, backbone, rpn, roi_heads, rh.num_classes, rpn_levels, roi_levels, mh.paste_style,
                      mh.mask_threshold, m.channels_last)
     return model.to(memory_format=torch.channels_last) if m.channels_last else model

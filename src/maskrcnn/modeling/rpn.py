@@ -20,7 +20,7 @@ from maskrcnn.modeling.conv import ConvNorm
 from maskrcnn.modeling.losses import box_regression_loss
 from maskrcnn.modeling.matching import BalancedSampler, Matcher, Sampler, ignore_crowd
 from maskrcnn.ops.nms import batched_nms_unchecked
-from maskrcnn.structures.boxes import BoxCoder, clip_boxes_to_image, pairwise_iou
+from maskrcnn.structures.boxes import BoxCoder, clip_boxes_to_image, nonempty, pairwise_iou
 
 
 class RPNHead(nn.Module):
@@ -64,6 +64,7 @@ class RPN(nn.Module):
             sigmoid (logits above ~17 in float32 all become 1.0) and ties are broken by position.
         smooth_l1_beta, loss_normalizer ("sampled" or "batch"): see the module docstring.
         crowd_ioa_thresh: negative anchors this much inside a crowd region are ignored.
+        box_decode_float32: decode proposals in float32 whatever the model's dtype (detectron2).
     """
 
     def __init__(self, head: RPNHead, anchor_generator: AnchorGenerator, fg_iou: float = 0.7, bg_iou: float = 0.3,
@@ -73,7 +74,8 @@ class RPN(nn.Module):
                  box_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0),
                  smooth_l1_beta: float = 1 / 9, loss_normalizer: str = "sampled",
                  objectness_loss_weight: float = 1.0, box_loss_weight: float = 1.0,
-                 nms_on_probability: bool = True, crowd_ioa_thresh: float = 0.7) -> None:
+                 nms_on_probability: bool = True, crowd_ioa_thresh: float = 0.7, box_decode_float32: bool = False
+                 ) -> None:
         super().__init__()
         if loss_normalizer not in ("sampled", "batch"):
             raise ValueError(f"RPN loss_normalizer must be 'sampled' or 'batch', got {loss_normalizer!r}")
@@ -82,7 +84,7 @@ class RPN(nn.Module):
         self.matcher = Matcher(fg_iou, bg_iou, allow_low_quality_matches=True)
         self.sampler: Sampler = BalancedSampler(batch_size_per_image, positive_fraction, salt=1)
         self.batch_size_per_image = batch_size_per_image
-        self.box_coder = BoxCoder(box_weights)
+        self.box_coder = BoxCoder(box_weights, float32=box_decode_float32)
         self.pre_nms_topk = tuple(pre_nms_topk)
         self.post_nms_topk = tuple(post_nms_topk)
         self.nms_thresh = nms_thresh
@@ -132,7 +134,7 @@ class RPN(nn.Module):
             finite = torch.isfinite(b).all(1) & torch.isfinite(s)
             b, s, lv = b[finite], s[finite], level_all[finite]
             b = clip_boxes_to_image(b, size)
-            keep = ((b[:, 2] - b[:, 0]) > self.min_size) & ((b[:, 3] - b[:, 1]) > self.min_size)
+            keep = nonempty(b, self.min_size)
             if self.nms_on_probability or self.score_thresh > 0:
                 prob = torch.sigmoid(s)
                 keep &= prob >= self.score_thresh

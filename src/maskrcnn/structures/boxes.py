@@ -71,6 +71,11 @@ def clip_boxes_to_image(boxes: Tensor, size: tuple[int, int]) -> Tensor:
     return torch.stack((x[..., 0], y[..., 0], x[..., 1], y[..., 1]), dim=-1)
 
 
+def nonempty(boxes: Tensor, threshold: float = 0.0) -> Tensor:
+    """``(N,)`` bool: boxes wider and taller than ``threshold`` (by default, those with any area)."""
+    return ((boxes[:, 2] - boxes[:, 0]) > threshold) & ((boxes[:, 3] - boxes[:, 1]) > threshold)
+
+
 def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
     """Indices of the boxes whose width and height are both ``>= min_size`` (torchvision's rule)."""
     check_tensor("remove_small_boxes", "boxes", boxes, shape=(None, 4), floating=True)

@@ -18,7 +18,7 @@ from maskrcnn.modeling.conv import ConvNorm
 from maskrcnn.modeling.norm import make_norm
 from maskrcnn.modeling.losses import box_regression_loss
 from maskrcnn.ops.nms import batched_nms_unchecked
-from maskrcnn.structures.boxes import BoxCoder, clip_boxes_to_image
+from maskrcnn.structures.boxes import BoxCoder, clip_boxes_to_image, nonempty
 
 
 class FastRCNNConvFCHead(nn.Module):
@@ -120,7 +120,6 @@ def detections_from_predictions(class_logits: Tensor, deltas: Tensor, proposals:
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         keep = batched_nms_unchecked(boxes, scores, labels, nms_thresh)[:max_detections]
         if drop_empty:
-            kept = boxes[keep]
-            keep = keep[(kept[:, 2] > kept[:, 0]) & (kept[:, 3] > kept[:, 1])]
+            keep = keep[nonempty(boxes[keep])]
         out.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
     return out

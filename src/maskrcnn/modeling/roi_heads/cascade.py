@@ -30,7 +30,7 @@ from maskrcnn.modeling.matching import Matcher
 from maskrcnn.modeling.roi_heads.box_head import detections_from_predictions
 from maskrcnn.modeling.roi_heads.mask_head import mask_probabilities
 from maskrcnn.modeling.roi_heads.standard import StandardROIHeads
-from maskrcnn.structures.boxes import BoxCoder, clip_boxes_to_image
+from maskrcnn.structures.boxes import BoxCoder, clip_boxes_to_image, nonempty
 
 MASK_MODES = ("last", "per_stage")
 
@@ -76,7 +76,7 @@ class CascadeROIHeads(StandardROIHeads):
         self.box_head = nn.ModuleList(box_heads)
         self.box_predictor = nn.ModuleList(box_predictors)
         self.stage_matchers = [Matcher(t, t) for t in stage_ious]
-        self.stage_coders = [BoxCoder(tuple(w)) for w in stage_box_weights]
+        self.stage_coders = [BoxCoder(tuple(w), float32=self.box_coder.float32) for w in stage_box_weights]
         self.stage_loss_weights = tuple(float(w) for w in stage_loss_weights)
         self.grad_scale = 1.0 / n if scale_gradients else 1.0
         self.resample = resample
@@ -98,7 +98,7 @@ class CascadeROIHeads(StandardROIHeads):
         for b, size in zip(refined.split([x.shape[0] for x in boxes]), sizes):
             b = clip_boxes_to_image(b, size)
             if drop_empty:  # a box squeezed to nothing by the image border has no IoU with anything
-                b = b[(b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])]
+                b = b[nonempty(b)]
             out.append(b)
         return out
 

@@ -50,6 +50,7 @@ class StandardROIHeads(nn.Module):
         smooth_l1_beta: box loss transition (torchvision 1/9, detectron2 0 = L1).
         score_thresh, nms_thresh, detections_per_image, min_size: inference (0.05, 0.5, 100, 1e-2).
         drop_empty_detections: drop zero-width/height detections after NMS and top-k (detectron2).
+        box_decode_float32: decode boxes in float32 whatever the model's dtype (detectron2).
         mask_target_aligned, mask_target_sampling, mask_target_binarize: how bitmap ground truth is
             cropped into mask targets (see :func:`mask_targets`).
         crowd_ioa_thresh: background proposals this much inside a crowd region are not sampled.
@@ -73,7 +74,8 @@ class StandardROIHeads(nn.Module):
                  mask_target_binarize: bool = False, crowd_ioa_thresh: float = 0.7,
                  keypoint_pooler: MultiLevelRoIPooler | None = None, keypoint_head: nn.Module | None = None,
                  keypoint_score: str = "logit", keypoint_loss_weight: float = 1.0,
-                 keypoint_loss_normalizer: str = "visible", drop_empty_detections: bool = False) -> None:
+                 keypoint_loss_normalizer: str = "visible", drop_empty_detections: bool = False,
+                 box_decode_float32: bool = False) -> None:
         super().__init__()
         self.box_pooler = box_pooler
         self.box_head = box_head
@@ -85,7 +87,7 @@ class StandardROIHeads(nn.Module):
         self.sampler: Sampler = BalancedSampler(batch_size_per_image, positive_fraction, salt=2)
         self.positives_per_image = batch_size_per_image * positive_fraction  # at most
         self.append_gt = append_gt
-        self.box_coder = BoxCoder(box_weights)
+        self.box_coder = BoxCoder(box_weights, float32=box_decode_float32)
         self.smooth_l1_beta = smooth_l1_beta
         self.score_thresh = score_thresh
         self.nms_thresh = nms_thresh
