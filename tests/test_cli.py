@@ -60,6 +60,7 @@ def test_train_eval_predict(trained, capsys):
     assert main(["predict", str(images / "00000*.png"), "--weights", str(ckpt), "--output", str(trained / "p2")]) == 0
 
 
+@pytest.mark.numerics
 def test_predictor_accepts_every_image_kind(trained):
     pred = Predictor(trained / "train" / "model_final.pth", "cpu", ["model.roi_heads.score_thresh=0.0"])
     path = trained / "shapes" / "val" / "000000.png"

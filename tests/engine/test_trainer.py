@@ -31,6 +31,7 @@ def _same_weights(a, b, atol=0.0):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=lambda m: f"{k}: {m}")
 
 
+@pytest.mark.numerics
 def test_tiny_training_run_learns_the_train_images(tmp_path):
     cfg = tiny_train_config(tmp_path, ["solver.max_iter=160", "solver.base_lr=0.02", "train.checkpoint_period=0",
                                        "train.log_period=10", "solver.warmup_iters=20"])
@@ -57,6 +58,7 @@ def test_tiny_training_run_learns_the_train_images(tmp_path):
     assert hits >= 0.7 * total, f"only {hits} of {total} training objects found"
 
 
+@pytest.mark.numerics
 def test_resume_equals_uninterrupted_training(tmp_path, monkeypatch):
     reference = train(tiny_train_config(tmp_path / "a"), progress=False)["checkpoint"]
     real_lr = trainer_mod.learning_rate
@@ -145,6 +147,7 @@ def test_bf16_autocast_trains(tmp_path):
     assert Path(result["checkpoint"]).is_file()
 
 
+@pytest.mark.numerics
 def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     # group norm (batch statistics would differ), one positive RoI per image and detectron2's
     # per-batch RPN normaliser: every loss is then a mean over images, which DDP's gradient

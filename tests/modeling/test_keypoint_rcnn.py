@@ -45,6 +45,7 @@ def _with_keypoints(target):
     return dict(target, keypoints=kp)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("mask_on", [False, True])
 def test_keypoint_loss_falls_in_training(mask_on):
     torch.manual_seed(0)

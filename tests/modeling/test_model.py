@@ -82,6 +82,7 @@ def _losses(model, images, targets, proposals, fixed_samples=False):
         model.roi_heads.sampler = BalancedSampler(64, 0.25)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("polygons", [False, True])
 def test_short_training_run_drives_every_loss_down(polygons):
     # Train on a fixed batch: two images, fixed proposals for the RoI heads (as with precomputed
@@ -108,26 +109,54 @@ def test_short_training_run_drives_every_loss_down(polygons):
         assert last < 0.6 * first, f"{name} did not fall: {first:.4f} -> {last:.4f}"
 
 
+def _missed_objects(model, data, top: int = 5) -> list[str]:
+    """Objects without a detection of their class among their image's ``top`` best that overlaps
+    them at box IoU > 0.5 and whose mask covers theirs at mask IoU > 0.7."""
+    model.eval()
+    with torch.no_grad():
+        out = model([d[0] for d in data])
+    missed = []
+    for i, ((_, tgt), o) in enumerate(zip(data, out)):
+        boxes, labels, masks = o["boxes"][:top], o["labels"][:top], o["masks"][:top, 0]
+        if not len(boxes):
+            missed += [f"image {i}: no detections"]
+            continue
+        box_iou_same_class = box_iou(tgt["boxes"], boxes) * (tgt["labels"][:, None] == labels[None])
+        best, match = box_iou_same_class.max(1)
+        gt, pred = tgt["masks"].bool(), masks[match]
+        mask_iou = (gt & pred).flatten(1).sum(1) / (gt | pred).flatten(1).sum(1).clamp(min=1)
+        missed += [f"image {i} object {j}: box IoU {b:.2f}, mask IoU {m:.2f}"
+                   for j, (b, m) in enumerate(zip(best.tolist(), mask_iou.tolist())) if b <= 0.5 or m <= 0.7]
+    return missed
+
+
+@pytest.mark.numerics
 def test_end_to_end_training_finds_the_objects():
-    # the full pipeline, RPN proposals included: after training, the detections cover the objects
+    # The full pipeline, RPN proposals included: after training on four images (seven objects, two
+    # partly hidden), every object is detected with its class among its image's five best, with its
+    # box and its mask. From-scratch SGD at this test's former budget ended anywhere between best
+    # box IoUs of 0.06 and 0.9 depending on the CPU's float32 rounding (issue 17). AdamW with warmup
+    # and a decay step: lowest box IoU 0.79-0.94 over 12 seeds and two instruction sets, lowest
+    # mask IoU 0.86-0.92, while lr 0 or switching off loss_cls, loss_rpn_objectness, loss_rpn_box
+    # or loss_mask fails (loss_box_reg alone is caught by the loss-by-loss test above).
     torch.manual_seed(0)
     model = maskrcnn.build_model(tiny_config())
     data = [shapes_sample(i) for i in range(4)]
+    # the criterion can fail: the untrained model misses objects
+    assert _missed_objects(model, data), "an untrained model already finds every object"
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=0.005, momentum=0.9, weight_decay=1e-4)
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: min(1.0, (it + 1) / 10) * (0.1 if it >= 120 else 1.0))
     model.train()
-    for it in range(80):
+    for it in range(150):
         batch = [data[(2 * it) % 4], data[(2 * it + 1) % 4]]
         losses = model([b[0] for b in batch], [b[1] for b in batch])
         opt.zero_grad()
         sum(losses.values()).backward()
         opt.step()
-    model.eval()
-    with torch.no_grad():
-        out = model([d[0] for d in data])
-    for (img, tgt), o in zip(data, out):
-        iou = box_iou(tgt["boxes"], o["boxes"][:5])
-        assert iou.amax(1).min() > 0.5, f"an object was missed: best IoUs {iou.amax(1).tolist()}"
+        sched.step()
+    missed = _missed_objects(model, data)
+    assert not missed, f"objects missed after training: {missed}"
 
 
 def test_c4_and_faster_rcnn_variants():
@@ -206,3 +235,22 @@ def test_class_agnostic_heads_and_4conv1fc_box_head():
     with torch.no_grad():
         out = model([img])[0]
     assert out["masks"].shape[1:] == (1, 128, 160)
+
+
+@pytest.mark.parametrize("extra", [[], ["model.cascade.enabled=true"], ["model.keypoint_on=true", "model.keypoint_head.num_keypoints=3",
+                                                                  "model.keypoint_head.conv_dims=[32, 32]"]],
+                         ids=["mask", "cascade", "keypoint"])
+def test_images_without_proposals_give_empty_detections(extra):
+    # a diverged or degenerate model can leave an image without a single proposal: its detections are
+    # empty (with their usual shapes), and the other image of the batch is unaffected
+    torch.manual_seed(0)
+    model = maskrcnn.build_model(tiny_config(extra=extra)).eval()
+    images = [torch.rand(3, 100, 140), torch.rand(3, 90, 60)]
+    rpn_forward = model.rpn.forward
+    model.rpn.forward = lambda *a, **k: ([torch.zeros(0, 4), rpn_forward(*a, **k)[0][1]], {})
+    with torch.no_grad():
+        empty, other = model(images)
+    assert empty["boxes"].shape == (0, 4) and empty["scores"].shape == (0,) and empty["masks"].shape == (0, 1, 100, 140)
+    assert other["masks"].shape[1:] == (1, 90, 60)
+    if "keypoints" in empty:
+        assert empty["keypoints"].shape == (0, 3, 3) and empty["keypoints_scores"].shape == (0, 3)

@@ -109,7 +109,8 @@ def detections_from_predictions(class_logits: Tensor, deltas: Tensor, proposals:
     boxes_all = box_coder.decode(deltas, torch.cat(list(proposals)).to(deltas.dtype))
     out = []
     for boxes, scores, size in zip(boxes_all.split(per_image), scores_all.split(per_image), image_sizes):
-        boxes = clip_boxes_to_image(boxes.reshape(boxes.shape[0], -1, 4), size)
+        # the box count per RoI from the deltas' width, not -1: an image may have no proposals
+        boxes = clip_boxes_to_image(boxes.reshape(boxes.shape[0], deltas.shape[1] // 4, 4), size)
         if boxes.shape[1] == 1:  # class-agnostic: the same box for every class
             boxes = boxes.expand(-1, num_classes + 1, -1)
         labels = torch.arange(num_classes + 1, device=scores.device).expand_as(scores)
