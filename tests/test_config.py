@@ -44,6 +44,10 @@ def test_yaml_base_and_overrides(tmp_path):
     ("model.input.pixel_mean=[1, 2]", "'model.input.pixel_mean' must be a list of 3 values"),
     ("model.rpn=3", "'model.rpn' must be a mapping"),
     ("model.roi_heads.score_thresh", "must look like dotted.key=value"),
+    ("solver.ims_per_batch=0", "'solver.ims_per_batch' must be at least 1, got 0"),
+    ("solver.base_lr=-0.01", "'solver.base_lr' must be greater than 0.0, got -0.01"),
+    ("solver.base_lr=.nan", "'solver.base_lr' must be greater than 0.0, got nan"),
+    ("solver.max_iter=0", "'solver.max_iter' must be at least 1, got 0"),
 ])
 def test_bad_overrides_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):

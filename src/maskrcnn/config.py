@@ -27,6 +27,16 @@ def _choice(default: Any, choices: tuple, doc: str = "") -> Any:
     return field(default=default, metadata={"choices": choices, "doc": doc})
 
 
+def _at_least(default: Any, low: float, doc: str = "") -> Any:
+    """A number that must be >= ``low``."""
+    return field(default=default, metadata={"min": low, "doc": doc})
+
+
+def _above(default: Any, low: float, doc: str = "") -> Any:
+    """A number that must be > ``low``."""
+    return field(default=default, metadata={"above": low, "doc": doc})
+
+
 @dataclass
 class InputConfig:
     """What the network sees. Users always pass RGB images, float 0-1 or uint8 0-255."""
@@ -233,12 +243,12 @@ class SolverConfig:
     the iterations by its inverse). detectron2's 0.02 is for 16 images.
     """
 
-    ims_per_batch: int = 16  # global: split evenly over the processes
-    base_lr: float = 0.02
+    ims_per_batch: int = _at_least(16, 1, "global: split evenly over the processes")
+    base_lr: float = _above(0.02, 0.0)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     weight_decay_norm: float = 0.0  # for norm layers' scales and shifts
-    max_iter: int = 90000
+    max_iter: int = _at_least(90000, 1)
     schedule: str = _choice("step", ("step", "cosine"), "learning rate decay after warm-up")
     steps: tuple[int, ...] = (60000, 80000)  # "step": multiply by gamma at each
     gamma: float = 0.1
@@ -336,9 +346,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def _check_choice(f: dataclasses.Field, value: Any, key: str) -> None:
+    """The allowed values or range a field declares (``_choice``, ``_at_least``, ``_above``)."""
     choices = f.metadata.get("choices")
     if choices is not None and value not in choices:
         raise ConfigError(f"config key '{key}' must be one of {list(choices)}, got {value!r}")
+    if "min" in f.metadata and not value >= f.metadata["min"]:
+        raise ConfigError(f"config key '{key}' must be at least {f.metadata['min']}, got {value!r}")
+    if "above" in f.metadata and not value > f.metadata["above"]:
+        raise ConfigError(f"config key '{key}' must be greater than {f.metadata['above']}, got {value!r}")
 
 
 def _from_dict(cls: type, data: dict, prefix: str = "", base: Any = None) -> Any:

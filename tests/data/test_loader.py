@@ -1,6 +1,7 @@
 """Training batches: deterministic, sharded across processes exactly, grouped by orientation, resumable."""
 
 import itertools
+import math
 
 import pytest
 
@@ -23,8 +24,8 @@ def test_shards_concatenate_to_the_single_process_batches():
 def test_grouping_resume_and_errors():
     wide = [i % 3 != 0 for i in range(37)]
     batches = _take(TrainingBatchSampler(wide, 4, seed=1), 30)
-    for b in batches:
-        assert len({wide[i] for i, _ in b}) == 1
+    # only the leftovers of each epoch (under a batch per orientation) go into mixed batches
+    assert sum(len({wide[i] for i, _ in b}) == 1 for b in batches) >= 0.8 * len(batches)
     assert _take(TrainingBatchSampler(wide, 4, seed=1, start_iter=17), 13) == batches[17:]
     assert _take(TrainingBatchSampler(wide, 4, seed=2), 30) != batches
     tiny = _take(TrainingBatchSampler([True, True], 4, seed=0, grouping=False), 2)
@@ -33,3 +34,26 @@ def test_grouping_resume_and_errors():
         TrainingBatchSampler(wide, 6, world_size=4)
     with pytest.raises(ValueError, match="empty dataset"):
         TrainingBatchSampler([], 4)
+    with pytest.raises(ValueError, match="ims_per_batch must be at least 1"):
+        TrainingBatchSampler(wide, 0)
+
+
+@pytest.mark.parametrize("tall,wide,batch,grouping", [
+    (10, 10, 16, True),  # each orientation under a batch, together over one: used to hang forever
+    (5, 40, 16, True),   # the portrait images were never trained on
+    (3, 0, 8, True),     # a dataset smaller than a batch
+    (1, 1, 4, True), (7, 9, 4, True), (7, 9, 4, False), (1, 30, 4, False),
+])
+def test_every_image_is_trained_on_in_its_epoch_or_the_next(tall, wide, batch, grouping):
+    flags = [False] * tall + [True] * wide
+    n = len(flags)
+    batches = _take(TrainingBatchSampler(flags, batch, seed=3, grouping=grouping), math.ceil(12 * n / batch) + 2)
+    assert all(len(b) == batch for b in batches)
+    stream = [i for b in batches for i, _ in b]
+    # an image of epoch e is in a batch before epoch e + 1 ends, and under a batch is left over after
+    # each epoch: so any 3n + batch consecutive images of the stream hold every image
+    window = 3 * n + batch
+    for start in range(0, len(stream) - window + 1, max(1, n // 2)):
+        assert set(stream[start:start + window]) == set(range(n)), f"images missing from stream[{start}:]"
+    counts = [stream.count(i) for i in range(n)]
+    assert max(counts) - min(counts) <= 3, counts  # as often as each other

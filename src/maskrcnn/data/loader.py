@@ -21,6 +21,8 @@ class TrainingBatchSampler(Sampler):
 
     def __init__(self, aspect_wide: Sequence[bool], ims_per_batch: int, seed: int = 0, grouping: bool = True,
                  rank: int = 0, world_size: int = 1, start_iter: int = 0) -> None:
+        if ims_per_batch < 1:
+            raise ValueError(f"solver.ims_per_batch must be at least 1, got {ims_per_batch}")
         if ims_per_batch % world_size:
             raise ValueError(f"solver.ims_per_batch ({ims_per_batch}) must be divisible by the number of "
                              f"processes ({world_size})")
@@ -31,25 +33,27 @@ class TrainingBatchSampler(Sampler):
         self.rank, self.world_size, self.start_iter = rank, world_size, start_iter
 
     def _global_batches(self) -> Iterator[list[int]]:
+        # Per epoch (a seeded shuffle): a batch of one orientation whenever that orientation has
+        # gathered a full batch; what is left of both orientations then goes together, in batches
+        # of mixed orientation, behind what the previous epoch left over. So every image is trained
+        # on in its epoch or the next, however few images an orientation has, and a dataset smaller
+        # than a batch is repeated to fill one.
+        rest: list[int] = []
         epoch = 0
         while True:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             order = torch.randperm(len(self.wide), generator=g).tolist()
-            if not self.grouping:
-                for k in range(0, len(order) - self.batch + 1, self.batch):
-                    yield order[k:k + self.batch]
-                if len(order) < self.batch:  # a dataset smaller than a batch: repeat it
-                    yield [order[k % len(order)] for k in range(self.batch)]
-            else:
-                buckets: dict[bool, list[int]] = {True: [], False: []}
-                for i in order:
-                    bucket = buckets[self.wide[i]]
-                    bucket.append(i)
-                    if len(bucket) == self.batch:
-                        yield list(bucket)
-                        bucket.clear()
-                if len(order) < self.batch:
-                    yield [order[k % len(order)] for k in range(self.batch)]
+            buckets: dict[bool, list[int]] = {True: [], False: []}
+            for i in order:
+                bucket = buckets[self.wide[i] if self.grouping else True]
+                bucket.append(i)
+                if len(bucket) == self.batch:
+                    yield list(bucket)
+                    bucket.clear()
+            rest += buckets[True] + buckets[False]
+            while len(rest) >= self.batch:
+                yield rest[:self.batch]
+                rest = rest[self.batch:]
             epoch += 1
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
