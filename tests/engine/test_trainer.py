@@ -163,3 +163,11 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
                           capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _same_weights(_weights(tmp_path / "two/train/model_final.pth"), _weights(single), atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [2**64 - 1, -(2**63), 2_300_000])
+def test_any_64_bit_seed_trains(tmp_path, seed):
+    # seeds derived by arithmetic on train.seed overflowed torch.manual_seed above ~2.3 million
+    result = train(tiny_train_config(tmp_path, [f"train.seed={seed}", "solver.max_iter=2", "train.checkpoint_period=0"]),
+                   progress=False)
+    assert Path(result["checkpoint"]).is_file()

@@ -15,6 +15,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from maskrcnn._seeding import derive_seed
+
 
 class TrainingBatchSampler(Sampler):
     """Yields, per iteration from ``start_iter``, this rank's list of ``(index, seed)``."""
@@ -41,7 +43,7 @@ class TrainingBatchSampler(Sampler):
         rest: list[int] = []
         epoch = 0
         while True:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            g = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
             order = torch.randperm(len(self.wide), generator=g).tolist()
             buckets: dict[bool, list[int]] = {True: [], False: []}
             for i in order:
@@ -62,7 +64,7 @@ class TrainingBatchSampler(Sampler):
             if it < self.start_iter:
                 continue
             mine = range(self.rank * per_rank, (self.rank + 1) * per_rank)
-            yield [(batch[p], (self.seed * 1_000_003 + it) * 1024 + p) for p in mine]
+            yield [(batch[p], derive_seed(self.seed, it, p)) for p in mine]
 
     def __len__(self) -> int:  # endless; DataLoader needs a number
         return 2**62

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from maskrcnn._seeding import derive_seed
 from maskrcnn.build import build_model
 from maskrcnn.config import Config
 from maskrcnn.data.build import build_train_dataset, build_val_dataset, dataset_paths
@@ -186,7 +187,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
     if info.main:
         (out_dir / "config.yaml").write_text(cfg.to_yaml())
 
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(derive_seed(cfg.train.seed))
     model = _sync_bn_for(build_model(cfg), info).to(device)
     start_iter = 0
     ckpt = last_checkpoint(out_dir) if resume else None

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from maskrcnn._seeding import derive_seed
 from maskrcnn.structures.boxes import area, pairwise_intersection
 
 # Sampler protocol: ``sampler(labels, seeds)``: per image, labels (1 positive, 0 negative, -1 ignore)
@@ -79,7 +80,7 @@ class BalancedSampler:
         for i, lab in enumerate(labels):
             seed = seeds[i] if seeds is not None else None
             if seed is not None:
-                gen: torch.Generator | None = torch.Generator(device=lab.device).manual_seed(int(seed) * 7919 + self.salt)
+                gen: torch.Generator | None = torch.Generator(device=lab.device).manual_seed(derive_seed(seed, self.salt))
             elif self.generator is not None and self.generator.device == lab.device:
                 gen = self.generator
             else:

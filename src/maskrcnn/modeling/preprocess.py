@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from maskrcnn._seeding import derive_seed
 from maskrcnn.structures.masks import PolygonMasks, paste_masks_in_image
 
 RESIZE_STYLES = ("torchvision", "detectron2")
@@ -182,7 +183,7 @@ class ImagePreprocessor(nn.Module):
             if self.resize:
                 if self.training:
                     seed = targets[i].get("seed") if targets is not None else None
-                    gen = torch.Generator().manual_seed(int(seed) * 7919 + 3) if seed is not None else None
+                    gen = torch.Generator().manual_seed(derive_seed(seed, 3)) if seed is not None else None
                     pick = int(torch.randint(len(self.min_size_train), (), generator=gen))
                     x = self._resize(x, self.min_size_train[pick], self.max_size_train)
                 else:
