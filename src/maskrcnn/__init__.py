@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from maskrcnn.build import build_model
 from maskrcnn.config import PRESETS, Config, get_config
+from maskrcnn.modeling.build import build_model
 
 __all__ = ["PRESETS", "Config", "build_model", "get_config", "__version__"]

@@ -223,7 +223,7 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_convert(args) -> int:
-    from maskrcnn.build import build_model
+    from maskrcnn.modeling.build import build_model
     from maskrcnn.config import get_config
     from maskrcnn.engine.checkpoint import save_checkpoint
     from maskrcnn.interop.external import load_external

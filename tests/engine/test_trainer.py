@@ -171,3 +171,21 @@ def test_any_64_bit_seed_trains(tmp_path, seed):
     result = train(tiny_train_config(tmp_path, [f"train.seed={seed}", "solver.max_iter=2", "train.checkpoint_period=0"]),
                    progress=False)
     assert Path(result["checkpoint"]).is_file()
+
+
+def test_checkpoints_do_not_need_the_backbone_weights_file(tmp_path, monkeypatch):
+    # the trunk file initialises training only: building a model never reads it, so a checkpoint
+    # trained from it loads on a machine without it
+    trunk = tmp_path / "resnet.pth"
+    trunk.write_bytes(b"stands for an ImageNet checkpoint")
+    loaded = []
+    monkeypatch.setattr(trainer_mod, "load_imagenet_backbone", lambda model, path: loaded.append(path))
+    cfg = tiny_train_config(tmp_path, [f"model.backbone.weights={trunk}", "solver.max_iter=2", "train.checkpoint_period=1"])
+    result = train(cfg, progress=False)
+    assert loaded == [str(trunk)]
+    train(tiny_train_config(tmp_path, [f"model.backbone.weights={trunk}", "solver.max_iter=3"]), resume=True, progress=False)
+    assert loaded == [str(trunk)], "resuming initialised the trunk again"
+    trunk.unlink()
+    maskrcnn.build_model(cfg)
+    out = Predictor(result["checkpoint"], "cpu")(torch.rand(3, 80, 120))
+    assert out["boxes"].shape[1] == 4

@@ -106,10 +106,10 @@ def test_imagenet_trunk_initialisation_reproduces_torchvision_features(states, n
         # float32 through 50 layers: relative to the scale of the features (a wrong stride or weight
         # mapping is off by the order of the features themselves)
         torch.testing.assert_close(ours, ref, rtol=1e-3, atol=1e-4 * ref.abs().max().item())
-    # through the config field, from a file, and into the C4 model (layer4 -> the res5 box head)
+    # from a file, and into the C4 model (layer4 -> the res5 box head)
     path = __import__("tempfile").mkdtemp() + "/trunk.pth"
     torch.save(states[name]["state"], path)
-    c4 = maskrcnn.build_model(maskrcnn.get_config("mask_rcnn_R_50_C4", overrides + [f"model.backbone.weights={path}"]))
+    c4 = load_imagenet_backbone(maskrcnn.build_model(maskrcnn.get_config("mask_rcnn_R_50_C4", overrides)), path)
     torch.testing.assert_close(c4.roi_heads.box_head[0].conv1.weight, states[name]["state"]["layer4.0.conv1.weight"])
     with pytest.raises(KeyError, match="not a torchvision ResNet"):
         load_imagenet_backbone(model, {**states[name]["state"], "layer5.0.conv1.weight": torch.zeros(1)})

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from maskrcnn.build import build_model
+from maskrcnn.modeling.build import build_model
 from maskrcnn.config import Config, merge
 from maskrcnn.data.coco import ClassMap
 from maskrcnn.data.transforms import load_image

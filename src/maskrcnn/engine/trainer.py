@@ -27,7 +27,6 @@ from torch import nn
 from tqdm import tqdm
 
 from maskrcnn._seeding import derive_seed
-from maskrcnn.build import build_model
 from maskrcnn.config import Config
 from maskrcnn.data.build import build_train_dataset, build_val_dataset, dataset_paths
 from maskrcnn.data.coco import ClassMap
@@ -36,6 +35,8 @@ from maskrcnn.engine.checkpoint import last_checkpoint, load_checkpoint, restore
 from maskrcnn.engine.evaluate import evaluate_model
 from maskrcnn.engine.plot import plot_training
 from maskrcnn.evaluation.coco_eval import format_metrics
+from maskrcnn.interop.torchvision import load_imagenet_backbone
+from maskrcnn.modeling.build import build_model
 from maskrcnn.modeling.norm import FrozenBatchNorm2d
 
 
@@ -195,6 +196,9 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
         print(f"no checkpoint to resume from in {out_dir}: starting from scratch")
     if ckpt is None and cfg.train.init_weights:
         load_init_weights(model, cfg.train.init_weights, class_map, cfg.train.init_weights_reset_heads)
+    elif ckpt is None and cfg.model.backbone.weights:
+        # initialisation is training's business: the checkpoints of this run never need the file again
+        load_imagenet_backbone(model, cfg.model.backbone.weights)
     optimizer = torch.optim.SGD(param_groups(model, cfg.solver.weight_decay, cfg.solver.weight_decay_norm),
                                 lr=cfg.solver.base_lr, momentum=cfg.solver.momentum)
     amp = cfg.solver.amp

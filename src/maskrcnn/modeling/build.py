@@ -1,4 +1,9 @@
-"""``build_detector(cfg)``: every module constructed explicitly from the typed config (no registry)."""
+"""``build_model(cfg)``: every module constructed explicitly from the typed config (no registry).
+
+Building never reads a file: weights come from whoever asked for them (the trainer initialises the
+trunk from ``model.backbone.weights``, checkpoint loaders load checkpoints), so a checkpoint alone is
+enough to rebuild and use its model on any machine.
+"""
 
 from __future__ import annotations
 
@@ -22,8 +27,9 @@ from maskrcnn.modeling.roi_heads.standard import StandardROIHeads
 from maskrcnn.modeling.rpn import RPN, RPNHead
 
 
-def build_detector(cfg: Config) -> MaskRCNN:
-    """The detector described by ``cfg.model``, with freshly initialised weights."""
+def build_model(cfg: Config) -> MaskRCNN:
+    """The detector described by ``cfg.model``, with freshly initialised weights (``model.backbone.weights``
+    is not read here: see ``maskrcnn.engine.trainer``)."""
     m = cfg.model
     i = m.input
     preprocess = ImagePreprocessor(i.channel_order, i.pixel_scale, i.pixel_mean, i.pixel_std, i.min_size_train,
