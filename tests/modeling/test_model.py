@@ -254,3 +254,15 @@ def test_images_without_proposals_give_empty_detections(extra):
     assert other["masks"].shape[1:] == (1, 90, 60)
     if "keypoints" in empty:
         assert empty["keypoints"].shape == (0, 3, 3) and empty["keypoints_scores"].shape == (0, 3)
+
+
+@pytest.mark.parametrize("style", ["torchvision", "detectron2"])
+def test_images_of_extreme_aspect_ratio(style):
+    # 4000x10 used to resize to a 0-px side and crash the whole batch
+    model = maskrcnn.build_model(tiny_config(extra=[f"model.input.resize_style={style}"])).eval()
+    images = [torch.rand(3, 10, 4000), torch.rand(3, 4000, 10), torch.rand(3, 100, 140)]
+    with torch.no_grad():
+        out = model(images)
+    for o, im in zip(out, images):
+        assert o["masks"].shape[1:] == (1, *im.shape[1:])
+        assert (o["boxes"][:, 2] <= im.shape[2]).all() and (o["boxes"][:, 3] <= im.shape[1]).all()

@@ -28,9 +28,10 @@ def resized_size(h: int, w: int, min_size: int, max_size: int, style: str) -> tu
     ResizeShortestEdge rounds to nearest.
     """
     scale = min(min_size / min(h, w), max_size / max(h, w))
+    # a side is at least 1 px: an image of extreme aspect ratio (4000x10) would otherwise get a 0-px side
     if style == "torchvision":
-        return int(math.floor(h * scale)), int(math.floor(w * scale)), scale
-    return int(h * scale + 0.5), int(w * scale + 0.5), scale
+        return max(1, int(math.floor(h * scale))), max(1, int(math.floor(w * scale))), scale
+    return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5)), scale
 
 
 def _scale_xy(keypoints: Tensor, sx: float, sy: float) -> Tensor:
@@ -169,10 +170,12 @@ class ImagePreprocessor(nn.Module):
         nh, nw, scale = resized_size(h, w, min_size, max_size, self.resize_style)
         if (nh, nw) == (h, w):
             return x
-        if self.resize_style == "torchvision":
+        torchvision = self.resize_style == "torchvision"
+        if torchvision and min(h, w) * scale >= 1:
             return F.interpolate(x[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
                                  align_corners=False)[0]
-        return F.interpolate(x[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)[0]
+        # detectron2's resize, or a side that the scale would shrink under 1 px (kept at 1 px)
+        return F.interpolate(x[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=not torchvision)[0]
 
     def forward(self, images: Sequence[Tensor], dtype: torch.dtype, targets: Sequence[dict] | None = None
                 ) -> tuple[Tensor, list[tuple[int, int]], list[dict] | None]:
