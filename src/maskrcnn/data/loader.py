@@ -36,11 +36,10 @@ class TrainingBatchSampler(Sampler):
 
     def _global_batches(self) -> Iterator[list[int]]:
         # Per epoch (a seeded shuffle): a batch of one orientation whenever that orientation has
-        # gathered a full batch; what is left of both orientations then goes together, in batches
-        # of mixed orientation, behind what the previous epoch left over. So every image is trained
-        # on in its epoch or the next, however few images an orientation has, and a dataset smaller
-        # than a batch is repeated to fill one.
-        rest: list[int] = []
+        # gathered a full batch; what is left of both orientations then goes together, in batches of
+        # mixed orientation, the last one completed with other images of the epoch. So every image
+        # is trained on in every epoch, however few images an orientation has; an image repeats
+        # within a batch only when the dataset is smaller than a batch.
         epoch = 0
         while True:
             g = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
@@ -52,10 +51,14 @@ class TrainingBatchSampler(Sampler):
                 if len(bucket) == self.batch:
                     yield list(bucket)
                     bucket.clear()
-            rest += buckets[True] + buckets[False]
-            while len(rest) >= self.batch:
-                yield rest[:self.batch]
-                rest = rest[self.batch:]
+            rest = buckets[True] + buckets[False]
+            for k in range(0, len(rest), self.batch):
+                chunk = rest[k:k + self.batch]
+                if len(chunk) < self.batch:
+                    inside = set(chunk)
+                    pool = [i for i in order if i not in inside] or order
+                    chunk += [pool[j % len(pool)] for j in range(self.batch - len(chunk))]
+                yield chunk
             epoch += 1
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
