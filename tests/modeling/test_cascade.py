@@ -99,7 +99,9 @@ def test_cascade_training_drives_every_stage_loss_down(mode):
     proposals = _jittered(targets, torch.Generator().manual_seed(1))
     model.rpn._proposals = lambda *a, **k: proposals
     model.roi_heads._refine = lambda k, deltas, boxes, sizes, drop_empty: list(boxes)
-    history = _train(model, images, targets, 80)
+    # 120 steps: at 80, stage 2's box loss (deltas weighted 30/15) had only reached 0.58-0.69 of its
+    # start over four initialisations under another instruction set; at 120 every loss is under 0.41
+    history = _train(model, images, targets, 120)
     assert {"loss_cls_stage2", "loss_box_reg_stage2"} <= set(history[0])
     for name in history[0]:
         first, last = history[0][name], sum(h[name] for h in history[-3:]) / 3
