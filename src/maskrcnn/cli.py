@@ -223,10 +223,10 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_convert(args) -> int:
-    from maskrcnn.modeling.build import build_model
     from maskrcnn.config import get_config
     from maskrcnn.engine.checkpoint import save_checkpoint
     from maskrcnn.interop.external import load_external
+    from maskrcnn.modeling.build import build_model
 
     cfg = get_config(args.config, args.overrides)
     model = build_model(cfg)

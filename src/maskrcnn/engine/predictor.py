@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from maskrcnn.modeling.build import build_model
 from maskrcnn.config import Config, merge
 from maskrcnn.data.coco import ClassMap
 from maskrcnn.data.transforms import load_image
 from maskrcnn.engine.checkpoint import load_checkpoint
+from maskrcnn.modeling.build import build_model
 from maskrcnn.modeling.detector import MaskRCNN
 
 ImageLike = str | Path | Image.Image | np.ndarray | Tensor
