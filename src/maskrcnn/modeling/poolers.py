@@ -19,6 +19,7 @@ from maskrcnn.ops._rois import boxes_to_rois
 from maskrcnn.ops.roi_align import roi_align_unchecked
 from maskrcnn.ops.roi_pool import roi_pool
 from maskrcnn.structures.boxes import area
+from maskrcnn.structures.precision import geometry_dtype
 
 
 def assign_boxes_to_levels(boxes: Tensor, min_level: int, max_level: int, canonical_scale: float = 224.0,
@@ -74,7 +75,9 @@ class MultiLevelRoIPooler(nn.Module):
                              f"(strides {self.strides}), got {len(features)}")
         if len(boxes) != features[0].shape[0]:
             raise ValueError(f"MultiLevelRoIPooler: got boxes for {len(boxes)} images, features for {features[0].shape[0]}")
-        rois = boxes_to_rois(boxes).to(features[0].dtype)
+        # RoIs stay in float32 when the maps are bf16/fp16 (structures/precision.py): RoIAlign samples
+        # the low-precision maps at full-precision coordinates
+        rois = boxes_to_rois(boxes).to(geometry_dtype(features[0].dtype))
         if len(features) == 1:
             return self._pool(features[0], rois, self.strides[0])
         levels = assign_boxes_to_levels(rois[:, 1:], self.min_level, self.max_level, self.canonical_scale,

@@ -21,6 +21,7 @@ from maskrcnn.modeling.losses import box_regression_loss
 from maskrcnn.modeling.matching import BalancedSampler, Matcher, Sampler, ignore_crowd
 from maskrcnn.ops.nms import batched_nms_unchecked
 from maskrcnn.structures.boxes import BoxCoder, clip_boxes_to_image, nonempty, pairwise_iou
+from maskrcnn.structures.precision import geometry_dtype, to_geometry
 
 
 class RPNHead(nn.Module):
@@ -103,8 +104,10 @@ class RPN(nn.Module):
         optionally ``crowd_boxes (C_i, 4)`` and a sampling ``seed``.
         Returns per-image proposals ``(K_i, 4)`` and a dict of losses (empty at inference)."""
         logits, deltas = self.head(features)
-        anchors = self.anchor_generator(padded_size, [f.shape[-2:] for f in features], features[0].dtype,
-                                        features[0].device)
+        # scores, deltas and anchors leave the network's precision here (structures/precision.py)
+        logits, deltas = [to_geometry(t) for t in logits], [to_geometry(t) for t in deltas]
+        anchors = self.anchor_generator(padded_size, [f.shape[-2:] for f in features],
+                                        geometry_dtype(features[0].dtype), features[0].device)
         with torch.no_grad():
             proposals = self._proposals(anchors, [lg.detach() for lg in logits], [d.detach() for d in deltas],
                                         image_sizes)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from maskrcnn._checks import check_boxes, check_same_device, check_tensor
+from maskrcnn.structures.precision import geometry_dtype
 
 # The largest log-scale change a decoded box may get: exp(log(1000/16)) = 62.5x. Without it a
 # single bad regression output early in training overflows exp() and poisons the loss with inf.
@@ -91,8 +92,10 @@ class BoxCoder:
     ``weights = (wx, wy, ww, wh)``: (1, 1, 1, 1) for the RPN, (10, 10, 5, 5) for the box head;
     Cascade R-CNN stages use (20, 20, 10, 10) and (30, 30, 15, 15).
 
-    ``float32``: decode in float32 whatever the deltas' dtype (detectron2 does, even in a float64
-    model); the result keeps the deltas' dtype.
+    Both directions compute in the geometry dtype of their inputs (float32, or float64 if either
+    is float64: see :mod:`maskrcnn.structures.precision`), so bf16/fp16 deltas from a network under
+    autocast give float32 boxes. ``float32``: decode in float32 even for float64 inputs
+    (detectron2 does); the result is then cast to the geometry dtype.
     """
 
     def __init__(self, weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0),
@@ -112,6 +115,8 @@ class BoxCoder:
         Both must have positive widths and heights (the log of a zero size is -inf); the model
         guarantees this by dropping empty proposals and degenerate ground truth upstream.
         """
+        dtype = geometry_dtype(torch.promote_types(boxes.dtype, targets.dtype))
+        boxes, targets = boxes.to(dtype), targets.to(dtype)
         wx, wy, ww, wh = self.weights
         widths = boxes[:, 2] - boxes[:, 0]
         heights = boxes[:, 3] - boxes[:, 1]
@@ -133,9 +138,9 @@ class BoxCoder:
             raise ValueError(
                 f"BoxCoder.decode: `deltas` must be (N, 4k) for N = {boxes.shape[0]} boxes, got {tuple(deltas.shape)}"
             )
-        if self.float32 and deltas.dtype != torch.float32:
-            return self.decode(deltas.float(), boxes.float()).to(deltas.dtype)
-        boxes = boxes.to(deltas.dtype)
+        out_dtype = geometry_dtype(torch.promote_types(deltas.dtype, boxes.dtype))
+        dtype = torch.float32 if self.float32 else out_dtype
+        deltas, boxes = deltas.to(dtype), boxes.to(dtype)
         wx, wy, ww, wh = self.weights
         widths = (boxes[:, 2] - boxes[:, 0])[:, None]
         heights = (boxes[:, 3] - boxes[:, 1])[:, None]
@@ -150,4 +155,4 @@ class BoxCoder:
         half_w = 0.5 * torch.exp(dw) * widths
         half_h = 0.5 * torch.exp(dh) * heights
         out = torch.stack((pred_ctr_x - half_w, pred_ctr_y - half_h, pred_ctr_x + half_w, pred_ctr_y + half_h), dim=2)
-        return out.reshape(deltas.shape)
+        return out.reshape(deltas.shape).to(out_dtype)

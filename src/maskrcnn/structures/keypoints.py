@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from maskrcnn.structures.precision import full_precision, to_geometry
+
 COCO_PERSON_KEYPOINTS = (
     "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder", "left_elbow",
     "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle",
@@ -93,6 +95,7 @@ def heatmaps_to_keypoints(maps: Tensor, rois: Tensor, score: str = "logit", max_
         raise ValueError(f"score must be 'logit' or 'softmax', got {score!r}")
     if r == 0:
         return maps.new_zeros((0, k, 3)), maps.new_zeros((0, k))
+    maps = to_geometry(maps)
     rois = rois.to(maps.dtype)
     widths = (rois[:, 2] - rois[:, 0]).clamp(min=1)
     heights = (rois[:, 3] - rois[:, 1]).clamp(min=1)
@@ -104,7 +107,8 @@ def heatmaps_to_keypoints(maps: Tensor, rois: Tensor, score: str = "logit", max_
     peak_val, peak_pos = [], []
     step = max(1, max_elements // (k * max_h * max_w))
     for s in range(0, r, step):
-        up = torch.einsum("rhm,rkmn,rwn->rkhw", ay[s:s + step], maps[s:s + step], ax[s:s + step])
+        with full_precision(maps.device):
+            up = torch.einsum("rhm,rkmn,rwn->rkhw", ay[s:s + step], maps[s:s + step], ax[s:s + step])
         up = up.masked_fill(~inside[s:s + step, None], float("-inf"))
         v, p = up.flatten(2).max(dim=2)
         peak_val.append(v)

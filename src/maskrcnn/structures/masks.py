@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from maskrcnn.structures.precision import full_precision, geometry_dtype
+
 PASTE_STYLES = ("torchvision", "detectron2")
 
 
@@ -191,7 +193,7 @@ def paste_masks_in_image(masks: Tensor, boxes: Tensor, image_size: tuple[int, in
     out = torch.zeros((n, h, w), dtype=out_dtype, device=masks.device)
     if n == 0 or h == 0 or w == 0:
         return out
-    dtype = masks.dtype if masks.dtype in (torch.float32, torch.float64) else torch.float32
+    dtype = geometry_dtype(masks.dtype)
     masks, boxes = masks.to(dtype), boxes.to(dtype)
     if style == "torchvision":
         masks = torch.nn.functional.pad(masks, (1, 1, 1, 1))
@@ -210,6 +212,7 @@ def paste_masks_in_image(masks: Tensor, boxes: Tensor, image_size: tuple[int, in
         sl = slice(k0, k0 + step)
         ry = weights(lo_y[sl], hi_y[sl], h, cells, dtype)  # (k, H, cells)
         rx = weights(lo_x[sl], hi_x[sl], w, cells, dtype)  # (k, W, cells)
-        pasted = torch.bmm(ry, torch.bmm(masks[sl], rx.transpose(1, 2)))
+        with full_precision(masks.device):
+            pasted = torch.bmm(ry, torch.bmm(masks[sl], rx.transpose(1, 2)))
         out[sl] = pasted >= threshold if threshold is not None else pasted
     return out

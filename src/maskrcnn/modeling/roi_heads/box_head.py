@@ -19,6 +19,7 @@ from maskrcnn.modeling.norm import make_norm
 from maskrcnn.modeling.losses import box_regression_loss
 from maskrcnn.ops.nms import batched_nms_unchecked
 from maskrcnn.structures.boxes import BoxCoder, clip_boxes_to_image, nonempty
+from maskrcnn.structures.precision import to_geometry
 
 
 class FastRCNNConvFCHead(nn.Module):
@@ -81,6 +82,7 @@ def box_losses(class_logits: Tensor, deltas: Tensor, labels: Tensor, target_delt
 
     ``labels: (R,)`` 0 = background; ``target_deltas: (R, 4)`` (rows of background RoIs are unused).
     """
+    class_logits, deltas = to_geometry(class_logits), to_geometry(deltas)
     loss_cls = F.cross_entropy(class_logits, labels)
     fg = torch.nonzero(labels > 0)[:, 0]
     if deltas.shape[1] == 4:
@@ -103,10 +105,12 @@ def detections_from_predictions(class_logits: Tensor, deltas: Tensor, proposals:
     Returns dicts with ``boxes (D, 4)``, ``scores (D,)``, ``labels (D,)`` (1..K).
     ``class_scores`` replaces ``softmax(class_logits)`` when given (Cascade R-CNN averages stages).
     """
-    scores_all = F.softmax(class_logits, -1) if class_scores is None else class_scores
+    # decoded and ranked in full precision: bf16 scores tie and bf16 boxes snap to 4-px steps
+    class_logits, deltas = to_geometry(class_logits), to_geometry(deltas)
+    scores_all = F.softmax(class_logits, -1) if class_scores is None else to_geometry(class_scores)
     num_classes = scores_all.shape[1] - 1
     per_image = [p.shape[0] for p in proposals]
-    boxes_all = box_coder.decode(deltas, torch.cat(list(proposals)).to(deltas.dtype))
+    boxes_all = box_coder.decode(deltas, torch.cat(list(proposals)))
     out = []
     for boxes, scores, size in zip(boxes_all.split(per_image), scores_all.split(per_image), image_sizes):
         # the box count per RoI from the deltas' width, not -1: an image may have no proposals

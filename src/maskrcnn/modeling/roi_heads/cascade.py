@@ -31,6 +31,7 @@ from maskrcnn.modeling.roi_heads.box_head import detections_from_predictions
 from maskrcnn.modeling.roi_heads.mask_head import mask_probabilities
 from maskrcnn.modeling.roi_heads.standard import StandardROIHeads
 from maskrcnn.structures.boxes import BoxCoder, clip_boxes_to_image, nonempty
+from maskrcnn.structures.precision import to_geometry
 
 MASK_MODES = ("last", "per_stage")
 
@@ -130,7 +131,7 @@ class CascadeROIHeads(StandardROIHeads):
         boxes, scores = list(proposals), []
         for k in range(self.num_stages):
             logits, deltas = self._stage(k, features, boxes)
-            scores.append(torch.softmax(logits, dim=-1))
+            scores.append(torch.softmax(to_geometry(logits), dim=-1))
             if k + 1 < self.num_stages:
                 boxes = self._refine(k, deltas, boxes, image_sizes, drop_empty=False)
         dets = detections_from_predictions(logits, deltas, boxes, image_sizes, self.stage_coders[-1], self.score_thresh,

@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 from maskrcnn.modeling.conv import ConvNorm
 from maskrcnn.structures.keypoints import keypoints_to_heatmap
+from maskrcnn.structures.precision import to_geometry
 
 
 class KeypointRCNNConvDeconvUpsampleHead(nn.Module):
@@ -49,6 +50,7 @@ def keypoint_loss(logits: Tensor, boxes: Sequence[Tensor], keypoints: Sequence[T
     (the instance matched to each RoI of ``boxes[i]``), summed over labelled keypoints inside their
     RoI and divided by their number (``normalizer`` None: torchvision and detectron2's default) or
     by ``normalizer``. 0, with a graph, when no keypoint is labelled."""
+    logits = to_geometry(logits)
     size = logits.shape[-1]
     bins, valid = [], []
     for b, kp in zip(boxes, keypoints):

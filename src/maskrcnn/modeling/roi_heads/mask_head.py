@@ -12,6 +12,7 @@ from maskrcnn.modeling.conv import ConvNorm
 from maskrcnn.modeling.norm import make_norm
 from maskrcnn.ops.roi_align import roi_align_unchecked
 from maskrcnn.structures.masks import PolygonMasks
+from maskrcnn.structures.precision import to_geometry
 
 
 class MaskRCNNConvUpsampleHead(nn.Module):
@@ -62,11 +63,11 @@ def mask_loss(logits: Tensor, labels: Tensor, targets: Tensor) -> Tensor:
     if logits.shape[0] == 0:
         return logits.sum() * 0
     channel = torch.zeros_like(labels) if logits.shape[1] == 1 else labels
-    picked = logits[torch.arange(logits.shape[0], device=logits.device), channel]
+    picked = to_geometry(logits[torch.arange(logits.shape[0], device=logits.device), channel])
     return F.binary_cross_entropy_with_logits(picked, targets.to(picked.dtype))
 
 
 def mask_probabilities(logits: Tensor, labels: Tensor) -> Tensor:
     """``(R, M, M)`` sigmoid of each detection's predicted-class channel."""
     channel = torch.zeros_like(labels) if logits.shape[1] == 1 else labels
-    return logits[torch.arange(logits.shape[0], device=logits.device), channel].sigmoid()
+    return to_geometry(logits[torch.arange(logits.shape[0], device=logits.device), channel]).sigmoid()
