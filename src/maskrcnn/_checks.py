@@ -2,13 +2,15 @@
 
 Bad input must fail at the API boundary with a message that names the function, the argument
 and what was expected, instead of failing deep inside an indexing op (or worse, returning a
-silently wrong answer). Every check here costs at most one device synchronisation, so the public
-functions call them; internal hot paths (the model's own proposals) call the unchecked kernels.
+silently wrong answer). Checks of tensor values need the values on the host, and every such read
+waits for the device to finish its queue, so a function gathers all its value checks in one
+``Checks`` and reads them back once; the detailed message is only worked out when one fails.
+Internal hot paths (the model's own proposals) call the unchecked kernels and pay nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -46,26 +48,66 @@ def check_same_device(fn: str, **tensors: Tensor) -> None:
         raise ValueError(f"{fn}: all tensors must be on the same device, got {listing}")
 
 
-def check_finite(fn: str, name: str, t: Tensor) -> None:
-    if t.numel() and not bool(torch.isfinite(t).all()):
+class Checks:
+    """Failure conditions gathered on the device and read back with one host synchronisation.
+
+    ``add(failed, message)``: ``failed`` is a bool tensor (any True element is a failure) and
+    ``message`` the error text, or a function that builds it (it may read the device: it only runs
+    once a failure is known). ``run()`` raises ``ValueError`` with the message of the first failing
+    condition, in the order they were added.
+    """
+
+    def __init__(self) -> None:
+        self._items: list[tuple[Tensor, str | Callable[[], str]]] = []
+
+    def add(self, failed: Tensor, message: str | Callable[[], str]) -> None:
+        self._items.append((failed.any(), message))
+
+    def run(self) -> None:
+        if not self._items:
+            return
+        # on one device for the stack: an accelerator's if any (copying a CPU flag there does not wait)
+        device = next((f.device for f, _ in self._items if f.device.type != "cpu"), torch.device("cpu"))
+        flags = torch.stack([f.to(device) for f, _ in self._items]).tolist()  # the one host read
+        self._items, items = [], self._items
+        for flag, (_, message) in zip(flags, items):
+            if flag:
+                raise ValueError(message if isinstance(message, str) else message())
+
+
+def check_finite(fn: str, name: str, t: Tensor, checks: Checks | None = None) -> None:
+    """No NaN or inf in ``t: (N, ...)``; read back now, or with ``checks`` when one is given."""
+    def message() -> str:
         bad = (~torch.isfinite(t)).reshape(t.shape[0], -1).any(1).nonzero()[:5, 0].tolist()
-        raise ValueError(f"{fn}: `{name}` contains NaN or inf values (rows {bad}{'...' if len(bad) == 5 else ''})")
+        return f"{fn}: `{name}` contains NaN or inf values (rows {bad}{'...' if len(bad) == 5 else ''})"
+
+    own = Checks() if checks is None else checks
+    own.add(~torch.isfinite(t), message)
+    if checks is None:
+        own.run()
 
 
-def check_boxes(fn: str, name: str, boxes: object, *, columns: int = 4) -> Tensor:
-    """A float (N, columns) tensor of finite XYXY boxes (in the last 4 columns) with x2>=x1, y2>=y1."""
+def check_boxes(fn: str, name: str, boxes: object, *, columns: int = 4, checks: Checks | None = None) -> Tensor:
+    """A float (N, columns) tensor of finite XYXY boxes (in the last 4 columns) with x2>=x1, y2>=y1.
+
+    The values are read back now (one synchronisation), or with ``checks`` when one is given.
+    """
     check_tensor(fn, name, boxes, shape=(None, columns), floating=True)
     assert isinstance(boxes, Tensor)
-    check_finite(fn, name, boxes)
+    own = Checks() if checks is None else checks
+    check_finite(fn, name, boxes, own)
     xyxy = boxes[:, columns - 4 :]
     bad = (xyxy[:, 2] < xyxy[:, 0]) | (xyxy[:, 3] < xyxy[:, 1])
-    if bad.numel() and bool(bad.any()):
+
+    def message() -> str:
         rows = bad.nonzero()[:5, 0].tolist()
         example = [round(v, 4) for v in xyxy[rows[0]].tolist()]
-        raise ValueError(
-            f"{fn}: `{name}` must be (x1, y1, x2, y2) boxes with x2 >= x1 and y2 >= y1; "
-            f"rows {rows} are not (e.g. row {rows[0]} = {example})"
-        )
+        return (f"{fn}: `{name}` must be (x1, y1, x2, y2) boxes with x2 >= x1 and y2 >= y1; "
+                f"rows {rows} are not (e.g. row {rows[0]} = {example})")
+
+    own.add(bad, message)
+    if checks is None:
+        own.run()
     return boxes
 
 

@@ -1,9 +1,17 @@
-"""nms / batched_nms: same kept indices as torchvision, a brute-force greedy reference, ties, checks."""
+"""nms / batched_nms: same kept indices as torchvision, a brute-force greedy reference, ties, checks.
+
+Both schedules are checked on the CPU: compacting (the CPU's) and the sweep (GPU/MPS).
+"""
+
+import importlib
+import itertools
 
 import pytest
 import torch
 
 from maskrcnn.ops import batched_nms, nms
+
+nms_module = importlib.import_module("maskrcnn.ops.nms")  # `maskrcnn.ops.nms` is also the function
 
 TV_SCRIPT = """
 import torchvision
@@ -73,6 +81,12 @@ def _cases():
     return cases
 
 
+@pytest.fixture(params=["compacting", "sweep"])
+def schedule(request, monkeypatch):
+    monkeypatch.setattr(nms_module, "_COMPACT_ON", ("cpu",) if request.param == "compacting" else ())
+    return request.param
+
+
 def _ours(case):
     if case["idxs"] is None:
         return nms(case["boxes"], case["scores"], case["thr"])
@@ -83,10 +97,12 @@ def _ours(case):
 def test_same_indices_as_torchvision(reference):
     cases = _cases()
     ref = reference(TV_SCRIPT, {"cases": cases})["res"]
-    for i, (case, r) in enumerate(zip(cases, ref)):
-        ours = _ours(case)
+    for (i, (case, r)), compact_on in itertools.product(enumerate(zip(cases, ref)), [("cpu",), ()]):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(nms_module, "_COMPACT_ON", compact_on)
+            ours = _ours(case)
         assert ours.dtype == torch.int64
-        label = f"case {i}: n={case['boxes'].shape[0]} thr={case['thr']} " \
+        label = f"case {i}: n={case['boxes'].shape[0]} thr={case['thr']} compact_on={compact_on} " \
                 f"groups={'none' if case['idxs'] is None else case['idxs'].unique().numel()}"
         if case["idxs"] is not None and case["boxes"].numel() > 4000:
             # torchvision's per-class path (over 1000 boxes on CPU) orders equal scores with an
@@ -99,14 +115,14 @@ def test_same_indices_as_torchvision(reference):
 
 
 @pytest.mark.parametrize("thr", [0.3, 0.5, 0.7])
-def test_matches_textbook_greedy(thr):
+def test_matches_textbook_greedy(thr, schedule):
     boxes, scores = random_boxes(600, int(thr * 10))
     keep = nms(boxes, scores, thr)
     assert torch.equal(keep, greedy_reference(boxes, scores, thr))
     assert 0 < keep.numel() < 600
 
 
-def test_batched_is_per_group_nms():
+def test_batched_is_per_group_nms(schedule):
     boxes, scores = random_boxes(800, 11)
     idxs = torch.randint(0, 5, (800,), generator=torch.Generator().manual_seed(0))
     keep = batched_nms(boxes, scores, idxs, 0.5)
@@ -120,7 +136,7 @@ def test_batched_is_per_group_nms():
     assert torch.all(scores[keep][:-1] >= scores[keep][1:])
 
 
-def test_ties_keep_the_lower_index_first():
+def test_ties_keep_the_lower_index_first(schedule):
     box = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
     boxes = box.repeat(3, 1)
     boxes[2] += 100  # a disjoint third box
@@ -129,7 +145,7 @@ def test_ties_keep_the_lower_index_first():
     assert batched_nms(boxes, scores, torch.tensor([1, 0, 0]), 0.5).tolist() == [0, 1, 2]
 
 
-def test_threshold_is_strict_and_exact():
+def test_threshold_is_strict_and_exact(schedule):
     # IoU of these two boxes is exactly 0.5: "IoU > 0.5" does not suppress
     boxes = torch.tensor([[0.0, 0.0, 2.0, 1.0], [0.0, 0.0, 1.0, 1.0]])
     scores = torch.tensor([0.9, 0.8])

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from maskrcnn._checks import Checks
 from maskrcnn.modeling.preprocess import ImagePreprocessor
 from maskrcnn.modeling.roi_heads.standard import StandardROIHeads
 from maskrcnn.modeling.rpn import RPN
@@ -54,12 +55,14 @@ class MaskRCNN(nn.Module):
 
     def forward(self, images: Sequence[Tensor] | Tensor, targets: Sequence[dict] | None = None
                 ) -> list[dict[str, Tensor]] | dict[str, Tensor]:
-        images = self.preprocess.check_images(images)
+        checks = Checks()  # the value checks of the whole batch, read back once
+        images = self.preprocess.check_images(images, checks)
         if self.training:
             if targets is None:
                 raise ValueError("the model is in training mode: pass targets, or call model.eval() to predict")
             targets = self.preprocess.check_targets(targets, images, self.num_classes, self.roi_heads.mask_on,
-                                                    self.roi_heads.num_keypoints)
+                                                    self.roi_heads.num_keypoints, checks)
+        checks.run()
         dtype = self.dtype
         original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
         batch, sizes, targets = self.preprocess(images, dtype, targets if self.training else None)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from maskrcnn._checks import Checks
 from maskrcnn._seeding import derive_seed
 from maskrcnn.structures.masks import PolygonMasks, paste_masks_in_image
 
@@ -38,6 +39,12 @@ def _scale_xy(keypoints: Tensor, sx: float, sy: float) -> Tensor:
     """``(..., K, 3)`` keypoints with x, y scaled (visibility kept)."""
     factor = torch.tensor([sx, sy, 1.0], dtype=keypoints.dtype, device=keypoints.device)
     return keypoints * factor
+
+
+def _degenerate_message(i: int, boxes: Tensor, degenerate: Tensor) -> str:
+    bad = degenerate.nonzero()[:, 0]
+    return (f"targets[{i}]['boxes'] rows {bad[:5].tolist()} have zero or negative width/height "
+            f"(e.g. {boxes[bad[0]].tolist()}); drop degenerate boxes before training")
 
 
 class ImagePreprocessor(nn.Module):
@@ -79,7 +86,8 @@ class ImagePreprocessor(nn.Module):
 
     # -- input checks ---------------------------------------------------------------------------
     @staticmethod
-    def check_images(images: object) -> list[Tensor]:
+    def check_images(images: object, checks: Checks | None = None) -> list[Tensor]:
+        """Structure checked now; values (NaN/inf) with ``checks`` (read back once per batch) or now."""
         if isinstance(images, Tensor):
             if images.dim() == 3:
                 images = [images]
@@ -98,13 +106,20 @@ class ImagePreprocessor(nn.Module):
                 raise ValueError(f"images[{i}] is empty: shape {tuple(img.shape)}")
             if img.dtype != torch.uint8 and not img.is_floating_point():
                 raise TypeError(f"images[{i}] must be float (0-1) or uint8 (0-255), got {img.dtype}")
-            if img.is_floating_point() and not bool(torch.isfinite(img).all()):
-                raise ValueError(f"images[{i}] contains NaN or inf")
+        own = Checks() if checks is None else checks
+        for i, img in enumerate(images):
+            if img.is_floating_point():
+                own.add(~torch.isfinite(img), f"images[{i}] contains NaN or inf")
+        if checks is None:
+            own.run()
         return list(images)
 
     @staticmethod
     def check_targets(targets: object, images: Sequence[Tensor], num_classes: int, need_masks: bool,
-                      num_keypoints: int = 0) -> list[dict]:
+                      num_keypoints: int = 0, checks: Checks | None = None) -> list[dict]:
+        """Structure checked now; values (finite, non-degenerate, label range) gathered in ``checks`` and
+        read back once for the whole batch (each read waits for the device), or now without one."""
+        own = Checks() if checks is None else checks
         if not isinstance(targets, (list, tuple)) or len(targets) != len(images):
             raise ValueError(f"targets must be a list with one dict per image ({len(images)}), got "
                              f"{type(targets).__name__}{'' if not hasattr(targets, '__len__') else f' of {len(targets)}'}")
@@ -118,19 +133,18 @@ class ImagePreprocessor(nn.Module):
                                  f"{getattr(boxes, 'shape', type(boxes).__name__)}")
             if not isinstance(labels, Tensor) or labels.shape != (boxes.shape[0],) or labels.is_floating_point():
                 raise ValueError(f"targets[{i}]['labels'] must be an integer ({boxes.shape[0]},) tensor")
-            if boxes.numel() and not bool(torch.isfinite(boxes).all()):
-                raise ValueError(f"targets[{i}]['boxes'] contains NaN or inf")
-            bad = ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).nonzero()[:, 0]
-            if bad.numel():
-                raise ValueError(f"targets[{i}]['boxes'] rows {bad[:5].tolist()} have zero or negative width/height "
-                                 f"(e.g. {boxes[bad[0]].tolist()}); drop degenerate boxes before training")
+            own.add(~torch.isfinite(boxes), f"targets[{i}]['boxes'] contains NaN or inf")
+            degenerate = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+            own.add(degenerate, lambda i=i, boxes=boxes, degenerate=degenerate: _degenerate_message(i, boxes, degenerate))
             crowd = t.get("crowd_boxes")
-            if crowd is not None and (not isinstance(crowd, Tensor) or crowd.dim() != 2 or crowd.shape[1] != 4
-                                      or not crowd.is_floating_point() or not bool(torch.isfinite(crowd).all())):
-                raise ValueError(f"targets[{i}]['crowd_boxes'] must be a finite float (C, 4) tensor")
-            if labels.numel() and (int(labels.min()) < 1 or int(labels.max()) > num_classes):
-                raise ValueError(f"targets[{i}]['labels'] must be in 1..{num_classes} (0 is background), "
-                                 f"got values in {int(labels.min())}..{int(labels.max())}")
+            if crowd is not None:
+                if (not isinstance(crowd, Tensor) or crowd.dim() != 2 or crowd.shape[1] != 4
+                        or not crowd.is_floating_point()):
+                    raise ValueError(f"targets[{i}]['crowd_boxes'] must be a finite float (C, 4) tensor")
+                own.add(~torch.isfinite(crowd), f"targets[{i}]['crowd_boxes'] must be a finite float (C, 4) tensor")
+            own.add((labels < 1) | (labels > num_classes),
+                    lambda i=i, labels=labels: f"targets[{i}]['labels'] must be in 1..{num_classes} (0 is background), "
+                    f"got values in {int(labels.min())}..{int(labels.max())}")
             if need_masks:
                 masks = t.get("masks")
                 if masks is None:
@@ -150,9 +164,10 @@ class ImagePreprocessor(nn.Module):
                 if not isinstance(kp, Tensor) or tuple(kp.shape) != want or not kp.is_floating_point():
                     raise ValueError(f"targets[{i}] needs 'keypoints', a float {want} tensor (x, y, visibility) to "
                                      f"train the keypoint head, got {getattr(kp, 'shape', type(kp).__name__)}")
-                if kp.numel() and not bool(torch.isfinite(kp).all()):
-                    raise ValueError(f"targets[{i}]['keypoints'] contains NaN or inf")
+                own.add(~torch.isfinite(kp), f"targets[{i}]['keypoints'] contains NaN or inf")
             out.append(dict(t))
+        if checks is None:
+            own.run()
         return out
 
     # -- forward --------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from maskrcnn._checks import check_boxes, check_same_device, check_tensor
+from maskrcnn._checks import Checks, check_boxes, check_same_device, check_tensor
 
 
 def boxes_to_rois(boxes: Sequence[Tensor]) -> Tensor:
@@ -19,16 +19,21 @@ def boxes_to_rois(boxes: Sequence[Tensor]) -> Tensor:
 
 
 def check_rois(fn: str, input: Tensor, boxes: Tensor | Sequence[Tensor]) -> Tensor:
-    """Validate ``input: (N, C, H, W)`` and the boxes in either format; return ``(K, 5)`` RoIs."""
+    """Validate ``input: (N, C, H, W)`` and the boxes in either format; return ``(K, 5)`` RoIs.
+
+    The box values are read back once, whichever the format and the number of images.
+    """
     check_tensor(fn, "input", input, shape=(None, None, None, None), floating=True)
+    checks = Checks()
     if isinstance(boxes, (list, tuple)):
         for i, b in enumerate(boxes):
-            check_boxes(fn, f"boxes[{i}]", b)
+            check_boxes(fn, f"boxes[{i}]", b, checks=checks)
             check_same_device(fn, input=input, **{f"boxes[{i}]": b})
         if len(boxes) > input.shape[0]:
             raise ValueError(f"{fn}: got boxes for {len(boxes)} images but `input` holds {input.shape[0]}")
         if len(boxes) == 0 or any(b.dtype != boxes[0].dtype for b in boxes):
             raise ValueError(f"{fn}: `boxes` must be a non-empty list of (Ni, 4) tensors of one dtype")
+        checks.run()
         return boxes_to_rois(boxes)
     if not isinstance(boxes, Tensor):
         raise TypeError(f"{fn}: `boxes` must be a (K, 5) tensor or a list of (Ni, 4) tensors, got {type(boxes).__name__}")
@@ -37,14 +42,16 @@ def check_rois(fn: str, input: Tensor, boxes: Tensor | Sequence[Tensor]) -> Tens
             f"{fn}: `boxes` must be a (K, 5) tensor (batch index, x1, y1, x2, y2) "
             f"or a list of (Ni, 4) tensors, got a tensor of shape {tuple(boxes.shape)}"
         )
-    check_boxes(fn, "boxes", boxes, columns=5)
+    check_boxes(fn, "boxes", boxes, columns=5, checks=checks)
     check_same_device(fn, input=input, boxes=boxes)
     idx = boxes[:, 0]
     bad = (idx != idx.round()) | (idx < 0) | (idx > input.shape[0] - 1)
-    if bad.numel() and bool(bad.any()):
+
+    def message() -> str:
         row = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"{fn}: `boxes[:, 0]` must hold integer image indices in [0, {input.shape[0] - 1}]; "
-            f"row {row} has {idx[row].item()}"
-        )
+        return (f"{fn}: `boxes[:, 0]` must hold integer image indices in [0, {input.shape[0] - 1}]; "
+                f"row {row} has {idx[row].item()}")
+
+    checks.add(bad, message)
+    checks.run()
     return boxes

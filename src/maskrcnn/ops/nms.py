@@ -1,17 +1,25 @@
 """Greedy non-maximum suppression, exact, without a compiled kernel.
 
 Greedy NMS keeps a box iff no higher-scoring *kept* box overlaps it with IoU > threshold. That
-recurrence is sequential, but it can be resolved in blocks with tensor ops:
+recurrence is sequential, but it can be resolved in blocks of consecutive boxes (score order):
 
-1. take the next ``block`` undecided boxes in score order; every box before them is decided,
-   and the ones still undecided have already been checked against every kept box;
-2. inside the block, iterate ``keep_i = not any(keep_j and overlap_ji for j < i)`` from
-   ``keep = all``: entry i is final after at most i + 1 rounds (it only depends on earlier
+1. every box before the block is decided, and the block's boxes that no kept box overlaps are alive;
+2. inside the block, iterate ``keep_i = alive_i and not any(keep_j and overlap_ji for j < i)``
+   from ``keep = alive``: entry i is final after at most i + 1 rounds (it only depends on earlier
    entries), and in practice it settles in a few rounds because suppression chains are short;
-3. drop every remaining box that a box kept in this block suppresses, then repeat.
+3. drop every later box that a box kept in this block overlaps, then take the next block.
 
-The IoUs computed are those between kept boxes and the boxes still alive, as in torchvision's
-C++ loop, but in large vectorised chunks and with suppressed boxes removed early.
+Two schedules, chosen by device, give the same result:
+
+- CPU (``_nms_compacting``): suppressed boxes are removed from the list after every block and a
+  block iterates until it settles. Reading a CPU tensor costs nothing, and dropping boxes early
+  saves most IoUs: on 5000 detector-like boxes it runs 5-17x faster on a CPU than the sweep.
+- GPU, MPS (``_nms_sweep``): every host read stalls the device's queue, so the blocks and the
+  rounds are fixed by shapes the host knows and nothing is read back while they run: suppression
+  is a device-side mask, each block gets a fixed budget of rounds, and whether every block settled
+  within it is read back once, at the end, together with the number of kept boxes (which the
+  output's shape needs anyway). If a block did not settle (a long suppression chain, rare) the
+  sweep runs again with a larger budget; one round per box of the block is always exact.
 
 Ties in score: boxes are visited in descending score and, among equal scores, in ascending index
 (a stable sort). This is the order torchvision's CPU kernel uses as well.
@@ -23,10 +31,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from maskrcnn._checks import check_boxes, check_same_device, check_tensor
+from maskrcnn._checks import Checks, check_boxes, check_same_device, check_tensor
 from maskrcnn.structures.boxes import pairwise_iou
 
 _BLOCK = 128
+# Rounds a sweep block gets before the first read-back: blocks of detector-like boxes (5000,
+# IoU threshold 0.3-0.9, 5 seeds) needed at most 4.
+_ROUNDS = 8
+# Devices where a host read is free, so the compacting schedule is used.
+_COMPACT_ON = ("cpu",)
 
 
 def _threshold_for(dtype: torch.dtype, iou_threshold: float) -> float:
@@ -40,17 +53,24 @@ def _threshold_for(dtype: torch.dtype, iou_threshold: float) -> float:
     return float(t32)
 
 
+def _nms_sorted(boxes: Tensor, groups: Tensor | None, threshold: float) -> Tensor:
+    """Greedy NMS on boxes already sorted by descending score (and by group, if groups are given).
+
+    Returns the positions (into the sorted order) of the kept boxes, ascending.
+    """
+    if boxes.device.type in _COMPACT_ON:
+        return _nms_compacting(boxes, groups, threshold)
+    return _nms_sweep(boxes, groups, threshold)
+
+
 def _suppressed_by(kept: Tensor, cand: Tensor, threshold: float) -> Tensor:
     """``(M,)`` bool: is candidate j overlapped (IoU > threshold) by any of ``kept: (K, 4)``."""
     # 0/0 IoU (two empty boxes) is NaN and compares False: empty boxes never suppress.
     return (pairwise_iou(kept, cand) > threshold).any(0)
 
 
-def _nms_sorted(boxes: Tensor, groups: Tensor | None, threshold: float) -> Tensor:
-    """Greedy NMS on boxes already sorted by descending score (and by group, if groups are given).
-
-    Returns the positions (into the sorted order) of the kept boxes, ascending.
-    """
+def _nms_compacting(boxes: Tensor, groups: Tensor | None, threshold: float) -> Tensor:
+    """``_nms_sorted`` with suppressed boxes dropped after each block: a host read per block round."""
     n = boxes.shape[0]
     alive = torch.arange(n, device=boxes.device)
     kept_parts = []
@@ -91,14 +111,69 @@ def _nms_sorted(boxes: Tensor, groups: Tensor | None, threshold: float) -> Tenso
     return torch.cat(kept_parts)
 
 
+def _overlaps(boxes: Tensor, groups: Tensor | None, rows: slice, cols: slice, threshold: float) -> Tensor:
+    """``(R, C)`` bool: box ``rows[r]`` overlaps box ``cols[c]`` (IoU > threshold) in the same group."""
+    # 0/0 IoU (two empty boxes) is NaN and compares False: empty boxes never suppress.
+    hit = pairwise_iou(boxes[rows], boxes[cols]) > threshold
+    if groups is not None:
+        hit &= groups[rows, None] == groups[None, cols]
+    return hit
+
+
+def _sweep(boxes: Tensor, groups: Tensor | None, threshold: float, reach: list[int], rounds: int
+           ) -> tuple[Tensor, Tensor]:
+    """One pass over the blocks: ``(removed (N,) bool, settled () bool)``, no host read."""
+    n = boxes.shape[0]
+    removed = torch.zeros(n, dtype=torch.bool, device=boxes.device)
+    settled = torch.ones((), dtype=torch.bool, device=boxes.device)
+    for s, r in zip(range(0, n, _BLOCK), reach):
+        e = min(s + _BLOCK, n)
+        overlap = _overlaps(boxes, groups, slice(s, e), slice(s, e), threshold).triu_(1)  # j < i may suppress i
+        alive = ~removed[s:e]
+        keep = alive
+        for _ in range(min(rounds, e - s)):
+            keep = alive & ~(overlap & keep[:, None]).any(0)
+        if rounds < e - s:
+            settled &= (keep == (alive & ~(overlap & keep[:, None]).any(0))).all()
+        removed[s:e] = ~keep
+        if r > e:
+            removed[e:r] |= (_overlaps(boxes, groups, slice(s, e), slice(e, r), threshold) & keep[:, None]).any(0)
+    return removed, settled
+
+
+def _nms_sweep(boxes: Tensor, groups: Tensor | None, threshold: float) -> Tensor:
+    """``_nms_sorted`` with no host read while blocks run. Host reads: one at the end, one more with
+    groups (how far each block's groups reach), and one per rerun of the sweep."""
+    n = boxes.shape[0]
+    if n == 0:
+        return torch.empty(0, dtype=torch.long, device=boxes.device)
+    blocks = (n + _BLOCK - 1) // _BLOCK
+    if groups is None:
+        reach = [n] * blocks
+    else:
+        # Sorted by group: a block can only suppress boxes up to the end of its last box's group.
+        last = (torch.arange(1, blocks + 1, device=boxes.device) * _BLOCK).clamp_(max=n) - 1
+        reach = torch.searchsorted(groups, groups[last], right=True).tolist()
+    rounds = _ROUNDS
+    while True:
+        removed, settled = _sweep(boxes, groups, threshold, reach, rounds)
+        count, ok = torch.stack([(~removed).sum(), settled.long()]).tolist()
+        if ok or rounds >= _BLOCK:
+            break
+        rounds *= 4
+    # Kept positions in ascending order without a data-dependent shape until the count is known.
+    return torch.sort(removed.to(torch.uint8), stable=True).indices[:count]
+
+
 def _check_nms_args(fn: str, boxes: Tensor, scores: Tensor, iou_threshold: float) -> None:
-    check_boxes(fn, "boxes", boxes)
+    checks = Checks()
+    check_boxes(fn, "boxes", boxes, checks=checks)
     check_tensor(fn, "scores", scores, shape=(boxes.shape[0],))
     check_same_device(fn, boxes=boxes, scores=scores)
-    if scores.numel() and torch.isnan(scores).any():
-        raise ValueError(f"{fn}: `scores` contains NaN")
     if not isinstance(iou_threshold, (int, float)) or not (0.0 <= float(iou_threshold) <= 1.0):
         raise ValueError(f"{fn}: `iou_threshold` must be a number in [0, 1], got {iou_threshold!r}")
+    checks.add(torch.isnan(scores), f"{fn}: `scores` contains NaN")
+    checks.run()
 
 
 def _work_dtype(boxes: Tensor) -> Tensor:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskrcnn._checks import pair
+from maskrcnn.ops._buckets import size_groups
 from maskrcnn.ops._rois import check_rois
 
 # Elements per temporary (samples x channels) tensor: ~16 MB in float32. Large enough to keep
@@ -91,23 +92,14 @@ class _Group:
 
 def _groups(rois: Tensor, spatial_scale: float, out_hw: tuple[int, int], sampling_ratio: int,
             aligned: bool) -> list[_Group]:
+    """The RoIs' sampling grids: one for all with a fixed ``sampling_ratio``, else one host read."""
     if sampling_ratio > 0:
         return [_Group(None, sampling_ratio, sampling_ratio)]
-    # Adaptive sampling: each RoI has its own grid. RoIs whose grid sizes round up to the same
-    # powers of two share one padded grid, so a call makes a handful of batched calls rather
-    # than one per distinct size, and padding wastes less than 2x per axis.
+    # Adaptive sampling: each RoI has its own grid, padded to its group's largest.
     _, _, w, h = _roi_geometry(rois, spatial_scale, aligned)
     gh = torch.ceil(h / out_hw[0]).long().clamp(min=0)
     gw = torch.ceil(w / out_hw[1]).long().clamp(min=0)
-    bucket_h = torch.ceil(torch.log2(gh.clamp(min=1).double())).long()
-    bucket_w = torch.ceil(torch.log2(gw.clamp(min=1).double())).long()
-    key = bucket_h * 64 + bucket_w
-    groups = []
-    for k in torch.unique(key).tolist():
-        sel = torch.nonzero(key == k)[:, 0]
-        own_h, own_w = gh[sel], gw[sel]
-        groups.append(_Group(sel, int(own_h.max()), int(own_w.max()), own_h, own_w))
-    return groups
+    return [_Group(sel, mh, mw, gh[sel], gw[sel]) for sel, mh, mw in size_groups(gh, gw)]
 
 
 def _samples(group: _Group, rois: Tensor, spatial_scale: float, out_hw: tuple[int, int], aligned: bool,
@@ -127,15 +119,15 @@ def _tall_channels_last(input: Tensor) -> Tensor:
     return input.permute(0, 2, 3, 1).reshape(1, n * h, w, c).permute(0, 3, 1, 2)
 
 
-def _forward(input: Tensor, rois: Tensor, out_hw: tuple[int, int], spatial_scale: float, sampling_ratio: int,
-             aligned: bool) -> Tensor:
+def _forward(input: Tensor, rois: Tensor, out_hw: tuple[int, int], spatial_scale: float, aligned: bool,
+             groups: list[_Group]) -> Tensor:
     n, c, height, width = input.shape
     out = input.new_zeros((rois.shape[0], c, out_hw[0], out_hw[1]))
     if rois.shape[0] == 0 or c == 0:
         return out
     tall = _tall_channels_last(input)
     batch_row = rois[:, 0].long() * height
-    for group in _groups(rois, spatial_scale, out_hw, sampling_ratio, aligned):
+    for group in groups:
         if group.gh == 0 or group.gw == 0:
             continue  # empty sampling grids: the bins average nothing and stay 0
         r = group.take(rois)
@@ -186,13 +178,13 @@ def _corners(coords: Tensor, valid: Tensor, size: int) -> tuple[Tensor, Tensor, 
 
 
 def _backward(grad: Tensor, rois: Tensor, input_shape: torch.Size, out_hw: tuple[int, int], spatial_scale: float,
-              sampling_ratio: int, aligned: bool) -> Tensor:
+              aligned: bool, groups: list[_Group]) -> Tensor:
     n, c, height, width = input_shape
     acc = grad.new_zeros((n * height * width, c))  # channels-last rows of the (N, C, H, W) gradient
     if rois.shape[0] and c:
         grad_cl = grad.permute(0, 2, 3, 1)  # (K, out_h, out_w, C)
         base = rois[:, 0].long() * (height * width)
-        for group in _groups(rois, spatial_scale, out_hw, sampling_ratio, aligned):
+        for group in groups:
             if group.gh == 0 or group.gw == 0:
                 continue
             r, g, b = group.take(rois), group.take(grad_cl), group.take(base)
@@ -222,9 +214,11 @@ def _backward(grad: Tensor, rois: Tensor, input_shape: torch.Size, out_hw: tuple
 class _RoIAlign(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, rois, out_hw, spatial_scale, sampling_ratio, aligned):  # type: ignore[override]
+        groups = _groups(rois, spatial_scale, out_hw, sampling_ratio, aligned) if rois.shape[0] else []
         ctx.save_for_backward(rois)
-        ctx.args = (input.shape, out_hw, spatial_scale, sampling_ratio, aligned)
-        return _forward(input, rois, out_hw, spatial_scale, sampling_ratio, aligned)
+        # The backward pass reuses the grouping: no second host read.
+        ctx.args = (input.shape, out_hw, spatial_scale, aligned, groups)
+        return _forward(input, rois, out_hw, spatial_scale, aligned, groups)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from maskrcnn._checks import pair
+from maskrcnn.ops._buckets import size_groups
 from maskrcnn.ops._rois import check_rois
 
 _CHUNK_ELEMENTS = 1 << 22
@@ -39,11 +40,6 @@ def _bin_edges(start: Tensor, end: Tensor, bins: int, size: int) -> tuple[Tensor
     return lo.clamp(0, size).long(), hi.clamp(0, size).long()
 
 
-def _buckets(span: Tensor) -> Tensor:
-    """Round bin spans up to powers of two: RoIs of similar size share one padded window."""
-    return torch.ceil(torch.log2(span.clamp(min=1).double())).long()
-
-
 def _forward(input: Tensor, rois: Tensor, out_hw: tuple[int, int], spatial_scale: float) -> tuple[Tensor, Tensor]:
     n, c, height, width = input.shape
     k = rois.shape[0]
@@ -58,10 +54,7 @@ def _forward(input: Tensor, rois: Tensor, out_hw: tuple[int, int], spatial_scale
     batch = rois[:, 0].long()
     flat = input.permute(0, 2, 3, 1).reshape(n * height * width, c)
     chan = torch.arange(c, device=input.device)
-    key = _buckets(span_h) * 64 + _buckets(span_w)
-    for bucket in torch.unique(key).tolist():
-        sel = torch.nonzero(key == bucket)[:, 0]
-        lh, lw = int(span_h[sel].max()), int(span_w[sel].max())
+    for sel, lh, lw in size_groups(span_h, span_w):
         if lh <= 0 or lw <= 0:
             continue  # every bin of these RoIs lies outside the map: zeros, no gradient
         per_roi = out_hw[0] * lh * out_hw[1] * lw * c
