@@ -8,8 +8,12 @@ Every ``train.checkpoint_period`` iterations a checkpoint is written atomically 
 ``train.output_dir``; ``resume=True`` continues from the newest one and replays exactly what an
 uninterrupted run would have done (data order, augmentation and sampling are functions of the
 seed and the iteration; RNG states are restored). A NaN or infinite loss stops the run with the
-name of the loss and the iteration; the last checkpoint written before it is kept. Metrics go to
-``metrics.jsonl``; at the end ``training_curves.png`` plots losses, learning rate and AP.
+name of the loss and the iteration; the last checkpoint written before it is kept. Losses stay on
+the device between log periods, so a normal step never waits for the GPU: non-finite losses are
+found at the next log line, checkpoint or evaluation, whichever comes first, and no checkpoint is
+written after one. Metrics go to ``metrics.jsonl``; at the end ``training_curves.png`` plots
+losses, learning rate and AP. On a terminal a progress bar shows the losses; otherwise (logs of
+batch jobs and CI, or ``progress=False``) a line every ``train.log_period`` iterations does.
 """
 
 from __future__ import annotations
@@ -17,13 +21,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from maskrcnn._seeding import derive_seed
@@ -117,20 +123,60 @@ def _to_device(targets: list[dict], device: torch.device) -> list[dict]:
     return [{k: (v.to(device) if hasattr(v, "to") else v) for k, v in t.items()} for t in targets]
 
 
-def load_init_weights(model: nn.Module, path: str, class_map: ClassMap, reset_heads: bool) -> None:
-    """Start from a checkpoint of ours; with another class map only if ``reset_heads`` (fine-tuning)."""
+# layers whose outputs are one per class (box scores and deltas, mask logits) or per keypoint, at any
+# cascade stage; only these may change shape when fine-tuning to other classes
+_PREDICTOR = re.compile(r"roi_heads\.(box_predictor(\.\d+)?\.(cls_score|bbox_pred)|mask_head(\.\d+)?\.predictor"
+                        r"|keypoint_head(\.\d+)?\.score_lowres)\.")
+
+
+def _predicts_changed(key: str, value: Tensor, classes_changed: bool, keypoints_changed: bool) -> bool:
+    """Whether a predictor tensor of unchanged shape now means something else (same count, other
+    classes or keypoints); class-agnostic box (4) and mask (1) outputs carry no class."""
+    if "keypoint_head" in key:
+        return keypoints_changed
+    agnostic = value.shape[0] == (4 if "bbox_pred" in key else 1)
+    return classes_changed and not agnostic
+
+
+def load_init_weights(model: nn.Module, path: str, class_map: ClassMap, reset_heads: bool,
+                      verbose: bool = True) -> None:
+    """Start from a checkpoint of ours; with another class map only if ``reset_heads`` (fine-tuning):
+    then every predictor for classes or keypoints that differ keeps the model's fresh initialisation."""
     state = load_checkpoint(path)
     theirs = ClassMap.from_dict(state["classes"])
-    weights = state["model"]
-    if theirs != class_map:
-        if not reset_heads:
-            raise ValueError(f"{path} was trained on other classes ({theirs}) than this dataset's ({class_map}); "
-                             f"set train.init_weights_reset_heads=true to fine-tune with new class predictors")
-        heads = ("roi_heads.box_predictor.", "roi_heads.mask_head.predictor.")
-        weights = {k: v for k, v in weights.items() if not k.startswith(heads)}
+    if theirs != class_map and not reset_heads:
+        raise ValueError(f"{path} was trained on other classes ({theirs}) than this dataset's ({class_map}); "
+                         f"set train.init_weights_reset_heads=true to fine-tune with new class predictors")
+    classes_changed = (theirs.ids, theirs.names) != (class_map.ids, class_map.names)
+    keypoints_changed = theirs.keypoint_names != class_map.keypoint_names
+    ours = model.state_dict()
+    weights = dict(state["model"])
+    reset: dict[str, str] = {}
+    wrong = []
+    for key, value in weights.items():
+        if key not in ours:
+            continue
+        shape, new = tuple(value.shape), tuple(ours[key].shape)
+        predictor = _PREDICTOR.match(key) is not None
+        if reset_heads and predictor and (shape != new or _predicts_changed(key, value, classes_changed,
+                                                                            keypoints_changed)):
+            weights[key] = ours[key]
+            reset.setdefault(key.rsplit(".", 1)[0], f"{shape} -> {new}")
+        elif shape != new:
+            wrong.append(f"{key}: checkpoint {shape}, model {new}")
+    if wrong:
+        hint = ("set train.init_weights_reset_heads=true to fine-tune with new predictors" if not reset_heads
+                and all(_PREDICTOR.match(w) for w in wrong) else "the checkpoint was built with another model config")
+        raise ValueError(f"{path} does not fit the model ({hint}): {'; '.join(wrong[:5])}"
+                         + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else ""))
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected or (missing and not reset_heads):
         raise ValueError(f"{path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if verbose and reset:
+        print(f"fine-tuning from {path}: new predictors (freshly initialised): "
+              + ", ".join(f"{k} {v}" for k, v in reset.items()))
+    if verbose and missing:
+        print(f"fine-tuning from {path}: not in the checkpoint, left as initialised: {', '.join(missing)}")
 
 
 class MetricsLog:
@@ -153,6 +199,81 @@ class MetricsLog:
 
 def _flat_metrics(metrics: dict[str, dict]) -> dict[str, float]:
     return {f"{t}/{k}": v for t, m in metrics.items() for k, v in m.items() if k != "per_class"}
+
+
+class LossMonitor:
+    """The losses of the steps since the last log, kept on the device so that a step never waits
+    for it: their sum (metrics.jsonl), an exponential moving average (bar and log lines), and the
+    first iteration at which any loss was not finite, with that iteration's losses."""
+
+    NONE = 2**62  # "no bad iteration yet"; larger than any iteration, so MIN across processes works
+
+    def __init__(self, device: torch.device) -> None:
+        self.names: tuple[str, ...] = ()
+        self.sum: Tensor | None = None
+        self.ema: Tensor | None = None
+        self.bad_values: Tensor | None = None
+        self.count = 0
+        self.first_bad = torch.full((), self.NONE, dtype=torch.int64, device=device)
+
+    def add(self, iteration: int, losses: dict[str, Tensor]) -> None:
+        names = tuple(losses)
+        vec = torch.stack([v.detach().float() for v in losses.values()])
+        if self.ema is None:
+            self.names, self.ema, self.bad_values = names, vec, torch.zeros_like(vec)
+        elif names != self.names:
+            raise RuntimeError(f"the model's losses changed from {self.names} to {names} at iteration {iteration}")
+        else:
+            self.ema = 0.9 * self.ema + 0.1 * vec
+        new_bad = ~torch.isfinite(vec).all() & (self.first_bad == self.NONE)
+        self.first_bad = torch.where(new_bad, iteration, self.first_bad)
+        self.bad_values = torch.where(new_bad, vec, self.bad_values)
+        self.sum = vec if self.sum is None else self.sum + vec
+        self.count += 1
+
+    def smoothed(self) -> dict[str, float]:
+        """The moving averages (one host sync)."""
+        return dict(zip(self.names, self.ema.tolist())) if self.ema is not None else {}
+
+    def take(self) -> tuple[dict[str, float], dict[str, float]]:
+        """Means since the last call and moving averages (one host sync); starts a new window."""
+        if self.sum is None:
+            return {}, {}
+        means, ema = torch.stack([self.sum / self.count, self.ema]).tolist()
+        self.sum, self.count = None, 0
+        return dict(zip(self.names, means)), dict(zip(self.names, ema))
+
+    def first_bad_iteration(self, world_size: int = 1) -> int | None:
+        """The first iteration with a non-finite loss on any process (one sync; collective when
+        ``world_size > 1``, so every process must call it at the same iterations), or None."""
+        first = self.first_bad.clone()
+        if world_size > 1:
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        it = int(first.item())
+        return None if it == self.NONE else it
+
+    def describe_bad(self, iteration: int) -> str:
+        """``loss_mask=nan, ...`` for ``iteration`` if it was this process's first bad one."""
+        if self.bad_values is None or int(self.first_bad.item()) != iteration:
+            return "on another process"
+        return ", ".join(f"{k}={v}" for k, v in zip(self.names, self.bad_values.tolist()) if not math.isfinite(v))
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def _log_line(done: int, max_iter: int, smoothed: dict[str, float], lr: float, sec_per_iter: float,
+              data_time: float, device: torch.device) -> str:
+    """``iter: 20/100  total_loss: 1.234  loss_cls: 0.321 ...  lr: 0.02  time: 0.51 s/it  data_time:
+    0.01 s  eta: 0:00:41  max_mem: 812 MiB`` (memory on CUDA only); losses are moving averages."""
+    parts = [f"iter: {done}/{max_iter}", f"total_loss: {sum(smoothed.values()):.4f}",
+             *(f"{k}: {v:.4f}" for k, v in smoothed.items()), f"lr: {lr:.6g}", f"time: {sec_per_iter:.4f} s/it",
+             f"data_time: {data_time:.4f} s", f"eta: {_hms(sec_per_iter * (max_iter - done))}"]
+    if device.type == "cuda":
+        parts.append(f"max_mem: {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB")
+    return "  ".join(parts)
 
 
 def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
@@ -195,7 +316,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
     if resume and ckpt is None and info.main:
         print(f"no checkpoint to resume from in {out_dir}: starting from scratch")
     if ckpt is None and cfg.train.init_weights:
-        load_init_weights(model, cfg.train.init_weights, class_map, cfg.train.init_weights_reset_heads)
+        load_init_weights(model, cfg.train.init_weights, class_map, cfg.train.init_weights_reset_heads, info.main)
     elif ckpt is None and cfg.model.backbone.weights:
         # initialisation is training's business: the checkpoints of this run never need the file again
         load_imagenet_backbone(model, cfg.model.backbone.weights)
@@ -239,58 +360,87 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
         return metrics
 
     last_good = str(ckpt) if ckpt else None
-    bar = tqdm(total=cfg.solver.max_iter, initial=start_iter, desc="training", disable=not (progress and info.main),
+    # a bar only where someone watches it: in a file (CI, batch jobs) it is one line rewritten in place
+    use_bar = progress and sys.stderr.isatty()
+    bar = tqdm(total=cfg.solver.max_iter, initial=start_iter, desc="training", disable=not (use_bar and info.main),
                dynamic_ncols=True)
-    net.train()
-    data_iter = iter(loader)
-    t_last, smoothed = time.perf_counter(), {}
-    for it in range(start_iter, cfg.solver.max_iter):
-        t_data = time.perf_counter()
-        images, targets = next(data_iter)
-        images = [im.to(device, non_blocking=True) for im in images]
-        targets = _to_device(targets, device)
-        data_time = time.perf_counter() - t_data
-        lr = learning_rate(cfg, it)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16, enabled=bool(amp)):
-            losses = net(images, targets)
-        total = sum(losses.values())
-        bad = (~torch.isfinite(total.detach())).float()
-        if info.world_size > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item():
-            names = [f"{k}={v.item()}" for k, v in losses.items() if not torch.isfinite(v)]
+    print_lines = info.main and not use_bar
+    monitor = LossMonitor(device)
+
+    def stop_if_not_finite(collective: bool = True) -> None:
+        bad = monitor.first_bad_iteration(info.world_size if collective else 1)
+        if bad is not None:
             bar.close()
             raise FloatingPointError(
-                f"loss is not finite at iteration {it}: {', '.join(names) or 'on another process'}; stopping. "
+                f"loss is not finite at iteration {bad}: {monitor.describe_bad(bad)}; stopping. "
                 f"The last good checkpoint is {last_good or 'none (no checkpoint was written yet)'}. Lower "
                 f"solver.base_lr, raise solver.warmup_iters, or set solver.clip_grad_norm.")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        if cfg.solver.clip_grad_norm > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.solver.clip_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
 
-        values = {k: v.item() for k, v in losses.items()}
-        smoothed = {k: 0.9 * smoothed.get(k, v) + 0.1 * v for k, v in values.items()}
-        bar.set_postfix({"loss": f"{sum(smoothed.values()):.3f}", **{k.replace("loss_", ""): f"{v:.3f}"
-                                                                       for k, v in smoothed.items()}}, refresh=False)
+    net.train()
+    data_iter = iter(loader)
+    t_last, data_times = time.perf_counter(), []
+    for it in range(start_iter, cfg.solver.max_iter):
+        try:
+            t_data = time.perf_counter()
+            images, targets = next(data_iter)
+            images = [im.to(device, non_blocking=True) for im in images]
+            targets = _to_device(targets, device)
+            data_times.append(time.perf_counter() - t_data)
+            lr = learning_rate(cfg, it)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16,
+                                enabled=bool(amp)):
+                losses = net(images, targets)
+            total = sum(losses.values())
+            monitor.add(it, losses)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(total).backward()
+            if cfg.solver.clip_grad_norm > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.solver.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+        except Exception:
+            # weights gone non-finite since the last check can break later steps in odd places:
+            # report the loss that started it (locally: the other processes are not at a check)
+            stop_if_not_finite(collective=False)
+            raise
+
+        if use_bar and info.main:
+            smoothed = monitor.smoothed()  # one sync per step, only while someone watches the bar
+            bar.set_postfix({"loss": f"{sum(smoothed.values()):.3f}",
+                             **{k.replace("loss_", ""): f"{v:.3f}" for k, v in smoothed.items()}}, refresh=False)
         bar.update(1)
         done = it + 1
-        if done % cfg.train.log_period == 0 or done == cfg.solver.max_iter:
+        log_now = done % cfg.train.log_period == 0 or done == cfg.solver.max_iter
+        ckpt_now = bool(cfg.train.checkpoint_period) and done % cfg.train.checkpoint_period == 0 \
+            and done < cfg.solver.max_iter
+        eval_now = bool(cfg.train.eval_period) and done % cfg.train.eval_period == 0 and done < cfg.solver.max_iter
+        if log_now or ckpt_now or eval_now:
+            stop_if_not_finite()  # never log, save or evaluate non-finite weights
+        if log_now:
             now = time.perf_counter()
-            log.write({"iteration": done, "lr": lr, "total_loss": sum(values.values()), **values,
-                       "data_time": data_time, "time": now - t_last})
-            t_last = now
-        if cfg.train.checkpoint_period and done % cfg.train.checkpoint_period == 0 and done < cfg.solver.max_iter:
+            sec_per_iter, data_time = (now - t_last) / len(data_times), sum(data_times) / len(data_times)
             if info.main:
-                last_good = str(checkpoint(done, f"model_{done:07d}.pth"))
-        if cfg.train.eval_period and done % cfg.train.eval_period == 0 and done < cfg.solver.max_iter:
+                means, smoothed = monitor.take()
+                # losses and data_time are means over the iterations since the previous record
+                # (fetched from the device once per log period); time is that window's seconds of
+                # training steps (checkpoints and evaluations left out)
+                log.write({"iteration": done, "lr": lr, "total_loss": sum(means.values()), **means,
+                           "data_time": data_time, "time": now - t_last})
+                if print_lines:
+                    print(_log_line(done, cfg.solver.max_iter, smoothed, lr, sec_per_iter, data_time, device),
+                          flush=True)
+            t_last, data_times = now, []
+        t_pause = time.perf_counter()
+        if ckpt_now and info.main:
+            last_good = str(checkpoint(done, f"model_{done:07d}.pth"))
+        if eval_now:
             run_eval(done)
             net.train()
+        t_last += time.perf_counter() - t_pause  # s/it and the ETA count training steps only
+    stop_if_not_finite()
     bar.close()
     final = None
     if info.main:
