@@ -145,6 +145,8 @@ BAD = [
                                         "segmentation": {"size": [10, 10], "counts": "abc"}}), "RLE size"),
     (lambda d: d["images"].append({"id": 8, "file_name": "missing.png", "height": 48, "width": 64}),
      "image 8: file not found"),
+    (lambda d: d["images"].append({"id": 1, "file_name": "c.png", "height": 48, "width": 64}),
+     r"image id 1 is used by 2 images \['a.png', 'c.png'\]: all left out with the 2 annotations"),
 ]
 
 
@@ -190,9 +192,10 @@ def test_malformed_files_are_errors(tmp_path, content, message):
 
 
 def test_corrupt_image_is_replaced_and_reported_or_raised(coco):
+    """In training the next image stands in (batches stay full); evaluation skips it (tests/engine/test_evaluate.py)."""
     path, _ = coco
     (path.parent / "a.png").write_bytes(b"this is not a png")
-    ds = CocoDataset(path, path.parent)
+    ds = CocoDataset(path, path.parent, train=True)
     with pytest.warns(UserWarning, match=r"cannot decode image .*a.png: .*; using the next image"):
         img, t = ds[0]
     assert t["image_id"] == 2
@@ -202,3 +205,41 @@ def test_corrupt_image_is_replaced_and_reported_or_raised(coco):
     _write_image(path.parent / "b.png", w=10, h=10)
     with pytest.raises(ValueError, match=r"is 10x10 \(WxH\) but the annotations say 64x48"):
         CocoDataset(path, path.parent, on_bad_sample="error")[1]
+
+
+def test_duplicate_image_id_leaves_out_both_images_and_their_annotations(coco):
+    path, data = coco
+    _write_image(path.parent / "d.png")
+    data["images"].append({"id": 2, "file_name": "d.png", "height": 48, "width": 64})
+    path.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match="skipped 1 bad"):
+        ds = CocoDataset(path, path.parent)
+    assert "image id 2" in ds.report[0] and "'b.png', 'd.png'" in ds.report[0]
+    assert [r.image_id for r in ds.records] == [1, 7]  # image 1 and the empty image 7 stay as they were
+    assert [ds.target(i)["labels"].numel() for i in range(2)] == [2, 0]
+    with pytest.raises(DatasetError, match=r"instances.json: image id 2 is used by 2 images"):
+        CocoDataset(path, path.parent, on_bad_sample="error")
+
+
+@pytest.mark.parametrize("drop", [lambda d: d.pop("annotations"), lambda d: d["annotations"].clear()])
+def test_training_set_without_annotations_is_an_error_but_a_test_split_is_not(coco, drop):
+    path, data = coco
+    drop(data)
+    path.write_text(json.dumps(data))
+    for keep_empty in (True, False):
+        with pytest.raises(DatasetError, match=r"instances.json: no annotations .*nothing to learn from"):
+            CocoDataset(path, path.parent, train=True, keep_empty=keep_empty)
+    ds = CocoDataset(path, path.parent, train=False)  # predicting on an unlabelled split
+    assert len(ds) == 3 and all(ds.target(i)["boxes"].shape == (0, 4) for i in range(3))
+
+
+def test_training_set_whose_annotations_are_all_unusable_is_an_error(coco):
+    path, data = coco
+    data["annotations"] = [dict(a, iscrowd=1) for a in data["annotations"]]
+    path.write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match=r"none of its 5 annotations can be trained on \(all are crowd regions\)"):
+        CocoDataset(path, path.parent, train=True)
+    data["annotations"] = [dict(a, iscrowd=0, bbox=[0, 0, 0, 0]) for a in data["annotations"]]
+    path.write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match=r"none of its 5 annotations can be trained on \(5 problems: .*no area"):
+        CocoDataset(path, path.parent, train=True)

@@ -6,7 +6,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny import tiny_config
 
+import maskrcnn
+from maskrcnn.config import ConfigError
+from maskrcnn.data.build import build_train_dataset, dataset_paths
 from maskrcnn.data.coco import CocoDataset, DatasetError
 from maskrcnn.data.shapes import STAR_KEYPOINTS, write_shapes_dataset
 from maskrcnn.evaluation.coco_eval import COCOEvaluator
@@ -98,3 +102,80 @@ def test_skeleton_is_drawn():
     assert (out[10, 10] == 255).all() and (out[10, 50] == 255).all()  # white keypoint dots
     assert out[10, 30].sum() > 0  # the bone between them
     assert out[20, 40].sum() == 0  # not towards the unlabelled third keypoint
+
+
+def _write_two_keypoint_sets(tmp_path):
+    """A person (3 keypoints) and a hand (2 other keypoints): fine for a mask model, not for one keypoint head."""
+    path = _write(tmp_path, [{"keypoints": [12, 20, 2, 30, 11, 1, 48, 20, 2]},
+                             {"category_id": 2, "keypoints": [15, 15, 2, 20, 20, 2]}])
+    data = json.loads(path.read_text())
+    data["categories"].append({"id": 2, "name": "hand", "keypoints": ["thumb", "index"], "skeleton": [[1, 2]]})
+    path.write_text(json.dumps(data))
+    return path, data["categories"]
+
+
+def test_different_keypoint_sets_are_ignored_without_a_keypoint_model(tmp_path):
+    path, categories = _write_two_keypoint_sets(tmp_path)
+    with pytest.raises(ValueError, match="one model predicts one keypoint set"):
+        ClassMap.from_categories(categories)
+    cm = ClassMap.from_categories(categories, keypoints=False)
+    assert cm.ids == [1, 2] and cm.names == ["person", "hand"] and cm.keypoint_names == [] and cm.skeleton == []
+    with pytest.raises(DatasetError, match="different keypoints"):  # a keypoint model still refuses the file
+        CocoDataset(path, tmp_path, train=True)
+    with pytest.warns(UserWarning, match=r"kp\.json: the categories declare different keypoint sets; ignored"):
+        ds = CocoDataset(path, tmp_path, train=True, keypoints=False)
+    assert ds.num_keypoints == 0 and not ds.report
+    _, target = ds[(0, 0)]
+    assert "keypoints" not in target and target["labels"].tolist() == [1, 2]
+    # one keypoint set: kept whatever the model, as before (checkpoints' class maps stay the same)
+    same = _write(tmp_path, [{"keypoints": [12, 20, 2, 30, 11, 1, 48, 20, 2]}])
+    assert CocoDataset(same, tmp_path, train=True, keypoints=False).num_keypoints == 3
+
+
+def test_mask_model_trains_on_a_file_with_different_keypoint_sets(tmp_path):
+    path, _ = _write_two_keypoint_sets(tmp_path)
+    cfg = tiny_config(extra=[f"data.train_json={path}", "model.roi_heads.num_classes=2"])
+    assert not cfg.model.keypoint_on
+    with pytest.warns(UserWarning, match="different keypoint sets"):
+        ds = build_train_dataset(cfg, dataset_paths(cfg))
+    image, target = ds[(0, 1)]
+    torch.manual_seed(0)
+    model = maskrcnn.build_model(cfg).train()
+    losses = model([image], [target])
+    assert "loss_mask" in losses and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    # a keypoint model is still told the file is ambiguous
+    kp_cfg = tiny_config(extra=[f"data.train_json={path}", "model.keypoint_on=true"])
+    with pytest.raises(DatasetError, match="different keypoints"):
+        build_train_dataset(kp_cfg, dataset_paths(kp_cfg))
+
+
+@pytest.mark.parametrize("preset, left_hand, flipped_left_hand, flipped_right_hand", [
+    # detectron2: load_coco_json adds 0.5 to the file's pixel indices, the flip maps x -> W - x on those
+    ("detectron2_keypoint_rcnn_R_50_FPN_3x", [10.5, 20.5], [89.5, 20.5], [29.5, 30.5]),
+    # torchvision: the file's values as they are, the flip maps x -> W - x on them
+    ("torchvision_keypointrcnn_resnet50_fpn", [10.0, 20.0], [90.0, 20.0], [30.0, 30.0]),
+])
+def test_each_preset_family_reads_and_flips_keypoints_as_its_library(tmp_path, preset, left_hand, flipped_left_hand,
+                                                                     flipped_right_hand):
+    from PIL import Image
+
+    Image.fromarray(np.zeros((50, 100, 3), np.uint8)).save(tmp_path / "a.png")
+    data = {"images": [{"id": 1, "file_name": "a.png", "height": 50, "width": 100}],
+            "categories": [{"id": 1, "name": "person", "keypoints": ["left_hand", "head", "right_hand"]}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [5, 5, 80, 40],
+                             "segmentation": [[5, 5, 85, 5, 85, 45, 5, 45]],
+                             "keypoints": [10, 20, 2, 0, 0, 0, 70, 30, 1]}]}
+    (tmp_path / "kp.json").write_text(json.dumps(data))
+    convention = maskrcnn.get_config(preset).model.keypoint_head.pixel_convention
+    ds = CocoDataset(tmp_path / "kp.json", tmp_path, train=True, flip_prob=1.0, keypoint_convention=convention)
+    kp = ds.target(0)["keypoints"][0]
+    assert kp[0].tolist() == [*left_hand, 2] and kp[1].tolist() == [0, 0, 0]  # unlabelled: never shifted
+    _, flipped = ds[(0, 0)]
+    kp = flipped["keypoints"][0]  # (left and right swap places in the flip)
+    assert kp[2].tolist() == [*flipped_left_hand, 2] and kp[0].tolist() == [*flipped_right_hand, 1]
+    assert kp[1].tolist() == [0, 0, 0]
+    with pytest.raises(ValueError, match="'detectron'"):
+        CocoDataset(tmp_path / "kp.json", tmp_path, keypoint_convention="detectron")
+    with pytest.raises(ConfigError, match="pixel_convention"):
+        maskrcnn.get_config(preset, ["model.keypoint_head.pixel_convention=detectron"])

@@ -35,8 +35,11 @@ def dataset_paths(cfg: Config) -> dict[str, tuple[Path, Path]]:
 
 def build_train_dataset(cfg: Config, paths: dict) -> CocoDataset:
     d = cfg.data
+    # only a keypoint model needs the categories to agree on one keypoint set
     return CocoDataset(*paths["train"], train=True, keep_empty=d.keep_empty_images, on_bad_sample=d.on_bad_sample,
-                       mask_format=d.mask_format, flip_prob=d.flip_prob, min_keypoints=d.min_keypoints_per_image)
+                       mask_format=d.mask_format, flip_prob=d.flip_prob, min_keypoints=d.min_keypoints_per_image,
+                       keypoints=cfg.model.keypoint_on,
+                       keypoint_convention=cfg.model.keypoint_head.pixel_convention)
 
 
 def build_val_dataset(cfg: Config, paths: dict, class_map: ClassMap) -> CocoDataset | None:
@@ -44,4 +47,4 @@ def build_val_dataset(cfg: Config, paths: dict, class_map: ClassMap) -> CocoData
         return None
     d = cfg.data
     return CocoDataset(*paths["val"], class_map=class_map, train=False, on_bad_sample=d.on_bad_sample,
-                       mask_format=d.mask_format)
+                       mask_format=d.mask_format, keypoint_convention=cfg.model.keypoint_head.pixel_convention)

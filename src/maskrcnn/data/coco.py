@@ -29,7 +29,19 @@ from maskrcnn.structures.class_map import ClassMap
 from maskrcnn.structures.keypoints import keypoint_flip_map
 from maskrcnn.structures.masks import PolygonMasks, decode_rle
 
-__all__ = ["ClassMap", "CocoDataset", "DatasetError", "ImageRecord", "polygon_self_intersects"]
+__all__ = ["KEYPOINT_OFFSETS", "ClassMap", "CocoDataset", "DatasetError", "ImageRecord", "keypoint_offset",
+           "polygon_self_intersects"]
+
+# what the model's keypoint coordinates are, given the pixel index of a keypoint file, per library
+# (``model.keypoint_head.pixel_convention``; the facts and their sources are in KeypointHeadConfig)
+KEYPOINT_OFFSETS = {"torchvision": 0.0, "detectron2": 0.5}
+
+
+def keypoint_offset(convention: str) -> float:
+    """Model coordinate minus file coordinate of a labelled keypoint under ``convention``."""
+    if convention not in KEYPOINT_OFFSETS:
+        raise ValueError(f"keypoint pixel convention must be one of {list(KEYPOINT_OFFSETS)}, got {convention!r}")
+    return KEYPOINT_OFFSETS[convention]
 
 
 class DatasetError(ValueError):
@@ -89,6 +101,11 @@ class CocoDataset(Dataset):
         flip_map: keypoint index permutation for the flip; default: left/right swapped by the
             keypoint names of the class map (COCO's ``left_eye`` <-> ``right_eye`` ...).
         min_keypoints: in training, leave out images with fewer labelled keypoints (keypoint datasets).
+        keypoints: whether the model predicts keypoints. Only then must the categories agree on one
+            keypoint set; otherwise disagreeing sets are ignored (with a warning) and the dataset
+            has no keypoints.
+        keypoint_convention: ``"torchvision"`` (targets hold the file's x, y) or ``"detectron2"``
+            (labelled keypoints shifted by +0.5 px); see :data:`KEYPOINT_OFFSETS`.
 
     Keypoint datasets are those whose categories list ``keypoints``: every instance then has K
     keypoints (an annotation without them: all unlabelled), and a malformed ``keypoints`` list is a
@@ -102,22 +119,35 @@ class CocoDataset(Dataset):
     def __init__(self, json_path: str | Path, image_dir: str | Path, class_map: ClassMap | None = None,
                  train: bool = False, keep_empty: bool = True, on_bad_sample: str = "skip",
                  mask_format: str = "polygon", flip_prob: float = 0.5, flip_map: Sequence[int] | None = None,
-                 min_keypoints: int = 0) -> None:
+                 min_keypoints: int = 0, keypoints: bool = True, keypoint_convention: str = "torchvision") -> None:
         if on_bad_sample not in ("skip", "error"):
             raise ValueError(f"on_bad_sample must be 'skip' or 'error', got {on_bad_sample!r}")
+        self.keypoint_offset = keypoint_offset(keypoint_convention)
+        self.keypoint_convention = keypoint_convention
         self.json_path, self.image_dir = Path(json_path), Path(image_dir)
         self.train, self.on_bad_sample, self.mask_format = train, on_bad_sample, mask_format
         self.flip_prob, self.flip_map = flip_prob, flip_map
         self.report: list[str] = []
         data = self._read_json()
+        if train and not data.get("annotations"):
+            raise DatasetError(f"{self.json_path}: no annotations ('annotations' is missing or empty): a training "
+                               f"set has nothing to learn from without them")
         try:
-            self.class_map = class_map or ClassMap.from_categories(data["categories"])
+            self.class_map = class_map or ClassMap.from_categories(data["categories"], keypoints=keypoints)
         except (KeyError, TypeError, ValueError) as e:
             raise DatasetError(f"{self.json_path}: bad categories: {e}") from None
+        declared = any(c.get("keypoints") for c in data["categories"])
+        if class_map is None and declared and not self.class_map.keypoint_names:
+            warnings.warn(f"{self.json_path}: the categories declare different keypoint sets; ignored, since the "
+                          f"model predicts no keypoints", stacklevel=2)
         self.num_keypoints = len(self.class_map.keypoint_names)
         if self.flip_map is None and self.num_keypoints:
             self.flip_map = keypoint_flip_map(self.class_map.keypoint_names)
         self.records = self._parse(data, keep_empty or not train)
+        if train and not any(r.boxes for r in self.records):
+            why = f"{len(self.report)} problems: {self.report[:3]}" if self.report else "all are crowd regions"
+            raise DatasetError(f"{self.json_path}: none of its {len(data['annotations'])} annotations can be "
+                               f"trained on ({why})")
         if train and min_keypoints > 0 and self.num_keypoints:
             self.records = [r for r in self.records
                             if sum(v > 0 for kp in r.keypoints for v in kp[2::3]) >= min_keypoints]
@@ -158,12 +188,15 @@ class CocoDataset(Dataset):
     def _parse(self, data: dict, keep_empty: bool) -> list[ImageRecord]:
         records: dict[int, ImageRecord] = {}
         self._all_image_ids = {im.get("id") for im in data["images"] if isinstance(im, dict)}
+        duplicated = self._duplicate_image_ids(data)
         for im in data["images"]:
             try:
                 rec = ImageRecord(int(im["id"]), self.image_dir / str(im["file_name"]), int(im["height"]),
                                   int(im["width"]))
             except (KeyError, TypeError, ValueError):
                 self._bad(f"image entry {im!r} needs id, file_name, height and width")
+                continue
+            if rec.image_id in duplicated:
                 continue
             if rec.height <= 0 or rec.width <= 0:
                 self._bad(f"image {rec.image_id} has size {rec.width}x{rec.height}")
@@ -175,6 +208,26 @@ class CocoDataset(Dataset):
         for ann in data.get("annotations", []):
             self._add_annotation(ann, records)
         return [r for r in records.values() if keep_empty or r.boxes]
+
+    def _duplicate_image_ids(self, data: dict) -> set[int]:
+        """Ids that more than one image entry uses, each reported.
+
+        Annotations name only the image id, so those of a shared id cannot be attributed to either
+        image: all the images and annotations of that id are left out, rather than trained on the
+        wrong picture or silently replaced by the last entry.
+        """
+        files: dict[int, list[str]] = {}
+        for im in data["images"]:
+            try:
+                files.setdefault(int(im["id"]), []).append(str(im.get("file_name")))
+            except (KeyError, TypeError, ValueError):
+                pass  # reported when the entry is read
+        duplicated = {i for i, names in files.items() if len(names) > 1}
+        for i in sorted(duplicated):
+            n_ann = sum(1 for a in data.get("annotations", []) if isinstance(a, dict) and a.get("image_id") == i)
+            self._bad(f"image id {i} is used by {len(files[i])} images {files[i]}: all left out with the {n_ann} "
+                      f"annotations of that id, which cannot be attributed to one of them")
+        return duplicated
 
     def _add_annotation(self, ann: dict, records: dict[int, ImageRecord]) -> None:
         if not isinstance(ann, dict):
@@ -281,7 +334,10 @@ class CocoDataset(Dataset):
                   "crowd_boxes": torch.tensor(rec.crowd_boxes, dtype=torch.float32).reshape(-1, 4),
                   "image_id": rec.image_id}
         if self.num_keypoints:
-            target["keypoints"] = torch.tensor(rec.keypoints, dtype=torch.float32).reshape(n, self.num_keypoints, 3)
+            kp = torch.tensor(rec.keypoints, dtype=torch.float32).reshape(n, self.num_keypoints, 3)
+            # unlabelled keypoints keep COCO's (0, 0), as detectron2's transform_keypoint_annotations resets them
+            kp[..., :2] += torch.where(kp[..., 2:] > 0, self.keypoint_offset, 0.0)
+            target["keypoints"] = kp
         polygons = all(isinstance(s, list) for s in rec.segmentations)
         if n and polygons and self.mask_format == "polygon":
             target["masks"] = PolygonMasks.from_coco(rec.segmentations)
@@ -302,7 +358,10 @@ class CocoDataset(Dataset):
         return decode_rle(rles, rec.height, rec.width) if rles else torch.zeros((0, rec.height, rec.width),
                                                                                 dtype=torch.uint8)
 
-    def __getitem__(self, item: int | tuple[int, int]) -> tuple[Tensor, dict]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[Tensor | None, dict]:
+        """An unreadable image (``on_bad_sample="skip"``): in training, the next readable one instead
+        (batches stay full); otherwise ``(None, {"image_id", "skipped": reason})``, because a stand-in
+        would be scored twice under another image's id; the evaluation reports and leaves it out."""
         index, seed = item if isinstance(item, tuple) else (item, None)
         for attempt in range(len(self.records)):
             i = (index + attempt) % len(self.records)
@@ -312,6 +371,8 @@ class CocoDataset(Dataset):
             except BadImageError as e:
                 if self.on_bad_sample == "error":
                     raise
+                if not self.train:
+                    return None, {"image_id": rec.image_id, "skipped": str(e)}
                 warnings.warn(f"{e}; using the next image instead", stacklevel=2)
                 continue
             target = self.target(i)

@@ -28,8 +28,7 @@ def load_image(path: str | Path, expected_size: tuple[int, int] | None = None) -
     path = Path(path)
     try:
         with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img).convert("RGB")
-            arr = np.array(img)
+            arr = _rgb_array(ImageOps.exif_transpose(img))
     except FileNotFoundError:
         raise BadImageError(f"image not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
@@ -40,11 +39,37 @@ def load_image(path: str | Path, expected_size: tuple[int, int] | None = None) -
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
+def _rgb_array(img: Image.Image) -> np.ndarray:
+    """``(H, W, 3)`` uint8 from any PIL mode.
+
+    PIL's ``convert("RGB")`` clips integer and float pixels to 0..255, which turns a 16-bit
+    grayscale PNG (medical, microscopy, depth scans) into a nearly white image: those modes are
+    scaled here instead. Every 8-bit mode (L, P, 1, LA, RGBA, CMYK, YCbCr, ...) is left to PIL.
+    """
+    if img.mode.startswith("I"):  # I;16, I;16B, I;16L, I;16N, and I (what older PILs give 16-bit PNGs)
+        # the 16-bit range whatever the container: pixels of one dataset stay comparable across images
+        gray = np.round(np.asarray(img).astype(np.float64).clip(0, 65535) * (255 / 65535))
+    elif img.mode == "F":
+        gray = np.asarray(img).astype(np.float64)
+        if not np.isfinite(gray).all():
+            raise ValueError("float image has NaN or infinite pixels")
+        # float images are written either in 0..1 or in 0..255; a maximum above 1 tells them apart
+        gray = np.round(gray.clip(0, 1) * 255 if gray.max() <= 1.0 else gray.clip(0, 255))
+    else:
+        return np.array(img.convert("RGB"))
+    return np.repeat(gray.astype(np.uint8)[:, :, None], 3, axis=2)
+
+
 def hflip(image: Tensor, target: dict, flip_map: Sequence[int] | None = None) -> tuple[Tensor, dict]:
     """Mirror an image and its target left-right.
 
     Boxes and crowd boxes ``x -> W - x`` (and swap x1/x2), polygons likewise, bitmaps flipped;
     keypoints ``(G, K, 3)`` mirrored and reordered by ``flip_map`` (left eye <-> right eye ...).
+
+    Keypoints also go ``x -> W - x``, the rule of both detectron2 and torchvision; what differs is
+    the value it applies to (``model.keypoint_head.pixel_convention``, added when the dataset is
+    read): detectron2's half-pixel shift makes pixel index i land at W - i - 0.5, the centre of the
+    mirrored pixel W - 1 - i, while torchvision's unshifted index lands at W - i.
     """
     w = image.shape[-1]
     out = dict(target)
@@ -62,5 +87,6 @@ def hflip(image: Tensor, target: dict, flip_map: Sequence[int] | None = None) ->
         kp[..., 0] = w - kp[..., 0]
         if flip_map is not None:
             kp = kp[:, list(flip_map)]
+        kp[kp[..., 2] == 0] = 0  # COCO's unlabelled (0, 0, 0), which both libraries restore after a flip
         out["keypoints"] = kp
     return image.flip(-1), out
