@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from maskrcnn.data.coco import ClassMap
+from maskrcnn.data.coco import ClassMap, DatasetError, keypoint_offset
 
 SUMMARY = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 KEYPOINT_SUMMARY = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
@@ -28,8 +28,12 @@ def _quiet():
     return contextlib.redirect_stdout(io.StringIO())
 
 
-def instances_to_coco(output: dict[str, Tensor], image_id: int, class_map: ClassMap) -> list[dict]:
-    """One image's predictions -> COCO result dicts (``bbox`` XYWH, ``segmentation`` RLE, ``keypoints``)."""
+def instances_to_coco(output: dict[str, Tensor], image_id: int, class_map: ClassMap,
+                      keypoint_convention: str = "torchvision") -> list[dict]:
+    """One image's predictions -> COCO result dicts (``bbox`` XYWH, ``segmentation`` RLE, ``keypoints``).
+
+    Keypoints go back to the file's pixel indices: the inverse of the dataset's ``keypoint_convention``
+    (detectron2's ``instances_to_coco_json`` subtracts the 0.5 its loader added)."""
     boxes = output["boxes"].detach().float().cpu()
     scores = output["scores"].detach().float().cpu().tolist()
     labels = output["labels"].detach().cpu().tolist()
@@ -42,14 +46,19 @@ def instances_to_coco(output: dict[str, Tensor], image_id: int, class_map: Class
         masks = masks >= 0.5 if masks.is_floating_point() else masks.bool()
         arr = np.asfortranarray(masks.cpu().numpy().transpose(1, 2, 0).astype(np.uint8))
         rles = mask_utils.encode(arr)
+    keypoints = None
+    if "keypoints" in output:
+        kp = output["keypoints"].detach().float().cpu().clone()
+        kp[..., :2] -= keypoint_offset(keypoint_convention)
+        keypoints = kp.flatten(1).tolist()
     results = []
     for k in range(len(labels)):
         r = {"image_id": int(image_id), "category_id": class_map.category_id(labels[k]), "bbox": xywh[k],
              "score": scores[k]}
         if rles is not None:
             r["segmentation"] = {"size": [int(v) for v in rles[k]["size"]], "counts": rles[k]["counts"].decode("ascii")}
-        if "keypoints" in output:
-            r["keypoints"] = output["keypoints"][k].detach().float().cpu().reshape(-1).tolist()
+        if keypoints is not None:
+            r["keypoints"] = keypoints[k]
         results.append(r)
     return results
 
@@ -66,12 +75,19 @@ def _per_class_ap(coco_eval, class_map: ClassMap) -> dict[str, float]:
 
 
 class COCOEvaluator:
-    """Accumulate predictions with :meth:`process`, then :meth:`evaluate` (rank 0 returns the numbers)."""
+    """Accumulate predictions with :meth:`process`, then :meth:`evaluate` (rank 0 returns the numbers).
+
+    ``keypoint_convention``: the one the dataset was read with (``CocoDataset.keypoint_convention``),
+    so that predicted keypoints are written in the file's coordinates.
+    """
 
     def __init__(self, json_path: str | Path, class_map: ClassMap, iou_types: Sequence[str] = ("bbox", "segm"),
-                 output_dir: str | Path | None = None, oks_sigmas: Sequence[float] = ()) -> None:
+                 output_dir: str | Path | None = None, oks_sigmas: Sequence[float] = (),
+                 keypoint_convention: str = "torchvision") -> None:
         from pycocotools.coco import COCO
 
+        keypoint_offset(keypoint_convention)  # a bad name fails here, not after the whole inference
+        self.keypoint_convention = keypoint_convention
         self.json_path = Path(json_path)
         with _quiet():
             self.coco = COCO(str(self.json_path))
@@ -83,40 +99,55 @@ class COCOEvaluator:
                                  f"person's 17, this dataset has {k}: set model.keypoint_head.oks_sigmas")
             if self.oks_sigmas is not None and len(self.oks_sigmas) != k:
                 raise ValueError(f"{len(self.oks_sigmas)} OKS sigmas for {k} keypoints")
-            for ann in self.coco.anns.values():  # pycocotools needs num_keypoints; not every file has it
-                if "num_keypoints" not in ann and "keypoints" in ann:
+            # pycocotools reads every ground truth's keypoints and num_keypoints (an instance without
+            # labelled keypoints is ignored); files often omit both: filled in memory, the file untouched
+            for ann in self.coco.anns.values():
+                if ann.get("keypoints") is None:
+                    ann["keypoints"] = [0] * (3 * k)
+                if "num_keypoints" not in ann:
                     ann["num_keypoints"] = int(np.count_nonzero(np.asarray(ann["keypoints"][2::3]) > 0))
         self.class_map = class_map
         self.iou_types = tuple(iou_types)
         self.output_dir = Path(output_dir) if output_dir else None
         self.results: list[dict] = []
         self.image_ids: list[int] = []
+        self.skipped: list[int] = []
 
     def reset(self) -> None:
-        self.results, self.image_ids = [], []
+        self.results, self.image_ids, self.skipped = [], [], []
 
     def process(self, outputs: Sequence[dict[str, Tensor]], image_ids: Sequence[int]) -> None:
         for out, image_id in zip(outputs, image_ids):
-            self.results.extend(instances_to_coco(out, image_id, self.class_map))
+            self.results.extend(instances_to_coco(out, image_id, self.class_map, self.keypoint_convention))
             self.image_ids.append(int(image_id))
 
-    def _gather(self) -> tuple[list[dict], list[int]]:
+    def skip(self, image_id: int) -> None:
+        """An image that could not be evaluated: left out of the scoring (not counted as all misses)."""
+        self.skipped.append(int(image_id))
+
+    def _gather(self) -> tuple[list[dict], list[int], list[int]]:
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return self.results, self.image_ids
+            return self.results, self.image_ids, self.skipped
         gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (self.results, self.image_ids))
-        return [r for res, _ in gathered for r in res], [i for _, ids in gathered for i in ids]
+        dist.all_gather_object(gathered, (self.results, self.image_ids, self.skipped))
+        return ([r for res, _, _ in gathered for r in res], [i for _, ids, _ in gathered for i in ids],
+                [i for _, _, ids in gathered for i in ids])
 
     def evaluate(self) -> dict[str, dict]:
-        """``{"bbox": {"AP": ..., (12 numbers), "per_class": {name: AP}}, "segm": {...}}`` (empty on ranks > 0)."""
+        """``{"bbox": {"AP": ..., (12 numbers), "per_class": {name: AP}}, "segm": {...},
+        "images": {"evaluated": n, "skipped": m}}`` (empty on ranks > 0). Only the images given to
+        :meth:`process` are scored, so a partial run (a limit, a shard, skipped images) is not
+        penalised for the images it never saw."""
         import torch.distributed as dist
         from pycocotools.cocoeval import COCOeval
 
-        results, image_ids = self._gather()
+        results, image_ids, skipped = self._gather()
         if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
             return {}
+        if skipped and not image_ids:
+            raise DatasetError(f"{self.json_path}: none of the {len(skipped)} images could be read")
         metrics: dict[str, dict] = {}
         for iou_type in self.iou_types:
             res = [r for r in results if iou_type != "segm" or "segmentation" in r]
@@ -129,7 +160,9 @@ class COCOEvaluator:
                 metrics[iou_type] = {n: 0.0 for n in names} | {"per_class": {n: 0.0 for n in self.class_map.names}}
                 continue
             with _quiet():
-                dt = self.coco.loadRes(res)
+                # loadRes adds id/area/iscrowd to the dicts it is given: copies keep them out of the
+                # results files written for the next IoU type
+                dt = self.coco.loadRes([dict(r) for r in res])
                 ev = COCOeval(self.coco, dt, iou_type)
                 ev.params.imgIds = sorted(set(image_ids))
                 if iou_type == "keypoints" and self.oks_sigmas is not None:
@@ -139,6 +172,7 @@ class COCOEvaluator:
                 ev.summarize()
             metrics[iou_type] = {n: float(v) for n, v in zip(names, ev.stats)}
             metrics[iou_type]["per_class"] = _per_class_ap(ev, self.class_map)
+        metrics["images"] = {"evaluated": len(set(image_ids)), "skipped": len(set(skipped))}
         return metrics
 
 
@@ -146,6 +180,10 @@ def format_metrics(metrics: dict[str, dict]) -> str:
     """A plain-text table of the summaries and per-class AP (values in %)."""
     lines = []
     for iou_type, m in metrics.items():
+        if iou_type == "images":
+            lines.append(f"images: {m['evaluated']} evaluated" + (f", {m['skipped']} skipped (unreadable, see the "
+                                                                  f"warnings)" if m["skipped"] else ""))
+            continue
         names = [n for n in m if n != "per_class"]
         lines.append(f"{iou_type}: " + "  ".join(f"{n} {100 * m[n]:.1f}" for n in names))
         if m.get("per_class"):
