@@ -13,7 +13,10 @@ import torch
 from PIL import Image
 
 import maskrcnn
+from maskrcnn.evaluation.coco_eval import instances_to_coco
 from maskrcnn.interop.detectron2 import convert_detectron2_state_dict, load_detectron2, read_detectron2_checkpoint
+from maskrcnn.structures.class_map import ClassMap
+from maskrcnn.structures.keypoints import COCO_PERSON_KEYPOINTS
 from maskrcnn.structures.masks import decode_rle
 
 pytestmark = pytest.mark.numerics  # float32 results compared with fixed expectations (see pyproject.toml)
@@ -51,6 +54,21 @@ def test_outputs_match_detectron2(name):
         torch.testing.assert_close(out["keypoints"][..., :2], ref["keypoints"][..., :2], rtol=0, atol=1e-3, check_dtype=False)
         torch.testing.assert_close(out["keypoints_scores"], ref["keypoints"][..., 2], rtol=0, atol=1e-4, check_dtype=False)
         assert ref["keypoints"][..., 0].std() > 5  # keypoints spread over the boxes
+
+
+def test_keypoint_results_are_written_as_detectron2_writes_them():
+    # detectron2's instances_to_coco_json writes pred_keypoints with 0.5 subtracted from x and y (the
+    # inverse of load_coco_json's +0.5); the preset carries that convention, and so the checkpoint's config
+    spec = json.loads((FIXTURES / "keypoint_rcnn_R_50_FPN.json").read_text())
+    convention = maskrcnn.get_config(spec["preset"], spec["overrides"]).model.keypoint_head.pixel_convention
+    assert convention == "detectron2"
+    ref = torch.load(FIXTURES / "keypoint_rcnn_R_50_FPN_outputs.pth", weights_only=True)
+    image = torch.from_numpy(np.array(Image.open(FIXTURES / "image.png"))).permute(2, 0, 1)
+    with torch.no_grad():
+        out = _model("keypoint_rcnn_R_50_FPN")([image])[0]
+    results = instances_to_coco(out, 1, ClassMap([1], ["person"], COCO_PERSON_KEYPOINTS), convention)
+    written = torch.tensor([r["keypoints"] for r in results], dtype=torch.float64).reshape(-1, 17, 3)
+    torch.testing.assert_close(written[..., :2], ref["keypoints"][..., :2] - 0.5, rtol=0, atol=1e-3)
 
 
 def test_pkl_reader_refuses_code(tmp_path):

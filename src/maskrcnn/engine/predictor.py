@@ -57,19 +57,23 @@ class Predictor:
         overrides: dotted config overrides for inference, e.g. ``["model.roi_heads.score_thresh=0.5"]``.
         config: a preset or YAML describing the model of ``checkpoint`` when that is a detectron2
             (``.pkl``, or ``.pth`` with a ``detectron2_*`` preset) or torchvision file: it is
-            converted on the fly, with COCO's class map.
+            converted on the fly, with COCO's class map (or ``classes``).
+        classes: the class names and ids to report instead of the checkpoint's: a :class:`ClassMap`
+            or a file (see :meth:`ClassMap.from_file`), with as many classes as the model.
     """
 
     def __init__(self, checkpoint: str | Path, device: str = "auto", overrides: Sequence[str] = (),
-                 config: str | None = None) -> None:
+                 config: str | None = None, classes: str | Path | ClassMap | None = None) -> None:
         from maskrcnn.config import apply_overrides, get_config
 
+        if classes is not None and not isinstance(classes, ClassMap):
+            classes = ClassMap.from_file(classes)
         if config:
             from maskrcnn.interop.external import load_external
 
             self.cfg = get_config(config, list(overrides))
             self.model: MaskRCNN = build_model(self.cfg)
-            self.class_map = load_external(self.model, checkpoint, self.cfg, config)
+            self.class_map = load_external(self.model, checkpoint, self.cfg, config, classes=classes)
         else:
             state = load_checkpoint(checkpoint)
             self.cfg = apply_overrides(config_of(state), list(overrides))
@@ -77,6 +81,11 @@ class Predictor:
             if self.cfg.model.roi_heads.num_classes != self.class_map.num_classes:
                 raise ValueError(f"{checkpoint}: config has {self.cfg.model.roi_heads.num_classes} classes but the "
                                  f"class map {self.class_map.num_classes}")
+            if classes is not None:
+                given = classes.fit(self.class_map.num_classes, "--classes")
+                # names and ids are replaced; the keypoints stay the model's unless the file names them
+                self.class_map = given if given.keypoint_names else ClassMap(
+                    given.ids, given.names, self.class_map.keypoint_names, self.class_map.skeleton)
             self.model = build_model(self.cfg)
             self.model.load_state_dict(state["model"])
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else

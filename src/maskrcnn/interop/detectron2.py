@@ -11,7 +11,8 @@ Names map one to one onto this package's modules (ResNet stages, ``fpn_lateral{2
 in ``cls_score`` (we put it first) and has no background rows in class-specific box deltas and
 mask predictors (we keep unused ones, as torchvision does). ``pixel_mean``/``pixel_std`` and
 anchor buffers are not weights and are ignored; the input convention comes from the preset
-(``detectron2_*``: BGR 0-255, stride in the 1x1 conv, detectron2's resize, pooler and paste).
+(``detectron2_*``: BGR 0-255, stride in the 1x1 conv, detectron2's resize, pooler and paste, and
+its keypoint pixel convention, so that its keypoint checkpoints are scored as detectron2 scores them).
 """
 
 from __future__ import annotations
