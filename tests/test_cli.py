@@ -82,8 +82,96 @@ def test_config_errors_name_the_key(tmp_path, capsys):
     assert "unknown config 'no_such_preset'" in capsys.readouterr().err
     assert main(["train", "--set", "data.train_json=/nonexistent.json", "--set", f"train.output_dir={tmp_path}"]) == 1
     assert "annotation file not found" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="no such file"):
-        main(["predict", str(tmp_path / "none*.png"), "--weights", "x.pth"])
+    assert main(["predict", str(tmp_path / "none*.png"), "--weights", "x.pth"]) == 1
+    assert "maskrcnn predict: error: no such file, folder or pattern" in capsys.readouterr().err
+
+
+def _fail_in_train(monkeypatch, error: BaseException) -> None:
+    import maskrcnn.engine.trainer as trainer
+
+    def train(cfg, **kwargs):
+        raise error
+
+    monkeypatch.setattr(trainer, "train", train)
+
+
+def test_help_lists_the_exit_codes_and_debug(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for words in ("1 an error in the inputs", "2 a wrong command line", "3 an internal error", "130 interrupted",
+                  "--debug", "MASKRCNN_DEBUG=1"):
+        assert words in text
+
+
+def test_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    argv = ["train", "--set", "solver.base_lr=-1", "--output", str(tmp_path)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err == "maskrcnn train: error: config key 'solver.base_lr' must be greater than 0.0, got -1.0\n"
+    from maskrcnn.config import ConfigError
+
+    for debug_argv in (["--debug", *argv], [*argv, "--debug"]):  # before or after the command
+        with pytest.raises(ConfigError, match="solver.base_lr"):
+            main(debug_argv)
+    monkeypatch.setenv("MASKRCNN_DEBUG", "1")
+    with pytest.raises(ConfigError, match="solver.base_lr"):
+        main(argv)
+
+
+def test_multi_line_messages_become_one_line(tmp_path, capsys, monkeypatch):
+    from maskrcnn.data.coco import DatasetError
+
+    _fail_in_train(monkeypatch, DatasetError("x.json: classes differ:\n  ours: a, b\n  theirs: c\nfix it"))
+    assert main(["train", "--output", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == "maskrcnn train: error: x.json: classes differ: ours: a, b; theirs: c; fix it\n"
+
+
+@pytest.mark.parametrize("error", [IndexError("index 7 is out of bounds"), KeyError("boxes"),
+                                   AssertionError("shapes differ")])
+def test_internal_errors_show_their_traceback(tmp_path, capsys, monkeypatch, error):
+    _fail_in_train(monkeypatch, error)
+    assert main(["train", "--output", str(tmp_path)]) == 3
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and f"{type(error).__name__}" in err
+    assert err.strip().splitlines()[-1].startswith(f"maskrcnn train: internal error ({type(error).__name__})")
+
+
+def test_a_value_error_from_inside_torch_is_a_bug_not_a_user_error(tmp_path, capsys, monkeypatch):
+    import maskrcnn.engine.trainer as trainer
+
+    def train(cfg, **kwargs):  # a call of ours that passes torch something wrong
+        torch.nn.functional.interpolate(torch.zeros(1, 1, 4, 4), size=(2, 2), mode="no-such-mode")
+
+    monkeypatch.setattr(trainer, "train", train)
+    assert main(["train", "--output", str(tmp_path)]) == 3
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_an_os_error_is_the_users(tmp_path, capsys, monkeypatch):
+    _fail_in_train(monkeypatch, PermissionError(13, "Permission denied", str(tmp_path / "metrics.jsonl")))
+    assert main(["train", "--output", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == f"maskrcnn train: error: {tmp_path / 'metrics.jsonl'}: Permission denied\n"
+
+
+def test_interrupt_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
+    _fail_in_train(monkeypatch, KeyboardInterrupt())
+    assert main(["train", "--output", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == "maskrcnn train: interrupted\n"
+
+
+def test_warnings_are_one_line(tmp_path, capsys, monkeypatch):
+    import warnings
+
+    import maskrcnn.engine.trainer as trainer
+
+    def train(cfg, **kwargs):
+        warnings.warn("skipped 2 bad annotations:\n  annotation 4: no area", stacklevel=2)
+        return {}
+
+    monkeypatch.setattr(trainer, "train", train)
+    assert main(["train", "--output", str(tmp_path)]) == 0
+    assert capsys.readouterr().err == "maskrcnn train: warning: skipped 2 bad annotations: annotation 4: no area\n"
 
 
 CONVERT = """
@@ -141,3 +229,12 @@ def test_detectron2_pkl_predicts_and_converts_through_the_cli(tmp_path):
     assert main(["convert", pkl, str(tmp_path / "ours.pth"), "--config", spec["preset"], *sets]) == 0
     pred = Predictor(tmp_path / "ours.pth", "cpu")
     assert pred.class_map.num_classes == 5 and pred.cfg.model.input.channel_order == "BGR"
+
+
+@pytest.mark.parametrize("command", ["eval", "predict", "convert"])
+def test_classes_option_is_documented(capsys, command):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--classes FILE" in text and "COCO JSON" in text and "one name per line" in text
+    assert ("--allow-class-mismatch" in text) == (command == "eval")

@@ -73,3 +73,62 @@ def test_public_api():
     cfg = maskrcnn.get_config("mask_rcnn_R_50_FPN")
     assert isinstance(cfg, maskrcnn.Config)
     assert "torchvision_maskrcnn_resnet50_fpn_v2" in maskrcnn.PRESETS
+
+
+@pytest.mark.parametrize("override,match", [
+    ("solver.momentum=1.0", r"'solver.momentum' must be at least 0.0 and below 1.0, got 1.0"),
+    ("solver.weight_decay=-0.1", r"'solver.weight_decay' must be at least 0.0, got -0.1"),
+    ("solver.gamma=0", r"'solver.gamma' must be greater than 0, got 0.0"),
+    ("solver.warmup_iters=-5", r"'solver.warmup_iters' must be at least 0, got -5"),
+    ("train.log_period=0", r"'train.log_period' must be at least 1, got 0"),
+    ("model.roi_heads.score_thresh=-0.5", r"'model.roi_heads.score_thresh' must be at least 0.0 and at most 1.0"),
+    ("model.rpn.positive_fraction=.nan",
+     r"'model.rpn.positive_fraction' must be at least 0.0 and at most 1.0, got nan"),
+    ("model.mask_head.mask_threshold=1.5", r"'model.mask_head.mask_threshold' must be at most 1.0, got 1.5"),
+    ("model.anchors.sizes=[[32], [0]]",
+     r"'model.anchors.sizes' values must be greater than 0, got 0.0 in \[\[32.0\], \[0.0\]\]"),
+    ("model.keypoint_head.oks_sigmas=[0.1, -0.1]", r"'model.keypoint_head.oks_sigmas' values must be greater than 0"),
+    ("model.backbone.freeze_at=6", r"'model.backbone.freeze_at' must be at least 0 and at most 5, got 6"),
+])
+def test_values_out_of_range_name_the_key_and_value(override, match):
+    with pytest.raises(ConfigError, match=match):
+        apply_overrides(get_config("mask_rcnn_R_50_FPN"), [override])
+
+
+def test_values_at_their_bounds_are_accepted():
+    cfg = apply_overrides(get_config("mask_rcnn_R_50_FPN"), [
+        "solver.momentum=0", "solver.weight_decay=0", "solver.warmup_iters=0", "train.checkpoint_period=0",
+        "model.roi_heads.score_thresh=1", "model.rpn.nms_thresh=0", "model.mask_head.mask_threshold=-1",
+        "data.flip_prob=1", "data.num_workers=0"])
+    assert cfg.solver.momentum == 0.0 and cfg.model.mask_head.mask_threshold == -1.0
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["solver.steps=[800, 600]"], r"'solver.steps' must be increasing, got \[800, 600\]"),
+    (["model.input.max_size_test=700"],
+     r"'model.input.max_size_test' \(700\) must be at least model.input.min_size_test \(800\)"),
+    (["model.input.min_size_train=[640, 1400]"], r"'model.input.max_size_train' \(1333\) must be at least"),
+    (["model.roi_heads.bg_iou_thresh=0.6"], r"'model.roi_heads.bg_iou_thresh' \(0.6\) must not exceed"),
+])
+def test_values_that_contradict_each_other(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        get_config("mask_rcnn_R_50_FPN", overrides)
+
+
+def test_steps_beyond_max_iter_are_a_warning():
+    with pytest.warns(UserWarning, match=r"'solver.steps' \[60000, 80000\] goes beyond solver.max_iter=1000"):
+        assert get_config("mask_rcnn_R_50_FPN", ["solver.max_iter=1000"]).solver.max_iter == 1000
+
+
+def test_numbers_in_exponent_notation_are_numbers():
+    assert get_config("mask_rcnn_R_50_FPN", ["solver.base_lr=1e-3"]).solver.base_lr == 0.001
+    with pytest.raises(ConfigError, match="must be a number"):
+        get_config("mask_rcnn_R_50_FPN", ["solver.base_lr=fast"])
+
+
+def test_keys_checked_together_are_checked_once_all_overrides_are_in():
+    # max_iter alone would leave the default steps beyond it: set together, in either order, they fit
+    for overrides in (["solver.max_iter=1000", "solver.steps=[600, 800]"],
+                      ["solver.steps=[600, 800]", "solver.max_iter=1000"]):
+        assert get_config("mask_rcnn_R_50_FPN", overrides).solver.steps == (600, 800)
+    assert get_config("mask_rcnn_R_50_FPN", ["solver.max_iter=1000", "solver.schedule=cosine"]).solver.max_iter == 1000

@@ -12,6 +12,9 @@ from pathlib import Path
 from maskrcnn import __version__
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+CLASSES_HELP = ("the classes of the checkpoint: a COCO JSON (its categories: ids and names, labels by sorted id as "
+                "in detectron2; a torchvision head with one slot per id 1..max id also fits), a JSON/YAML list of "
+                "names, or a text file with one name per line (ids 1..K; a leading __background__ is dropped)")
 
 
 def _add_config_args(p: argparse.ArgumentParser, default: str | None) -> None:
@@ -22,12 +25,43 @@ def _add_config_args(p: argparse.ArgumentParser, default: str | None) -> None:
                    help="override a config value, e.g. --set solver.max_iter=2000 (repeatable; values are YAML)")
 
 
+# exit codes (listed in `maskrcnn --help`)
+EXIT_INPUT, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 1, 2, 3, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """One line per usage error, and ``--debug`` on every command (before or after its name)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # SUPPRESS: a subcommand's parser must not reset a --debug given before the subcommand
+        self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                          help="show the full traceback of an error (or set MASKRCNN_DEBUG=1)")
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:  # NaN included
+        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="maskrcnn",
         description="Mask R-CNN family (Mask R-CNN, Cascade Mask R-CNN, Keypoint R-CNN) in pure PyTorch: "
                     "train on COCO-format data, evaluate with COCO AP, predict, convert checkpoints.",
-        epilog="Start with `maskrcnn demo`; each command has its own --help.")
+        epilog="Start with `maskrcnn demo`; each command has its own --help. Exit status: 0 done; "
+               f"{EXIT_INPUT} an error in the inputs (a file, the data, the config, a checkpoint, an output folder), "
+               f"told in one line on stderr; {EXIT_USAGE} a wrong command line; {EXIT_BUG} an internal error (a bug: "
+               f"its traceback is printed, please report it); {EXIT_INTERRUPTED} interrupted. --debug (or "
+               "MASKRCNN_DEBUG=1) shows the traceback of any error.")
     p.add_argument("--version", action="version", version=f"maskrcnn {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -54,6 +88,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="inference overrides, e.g. --set model.roi_heads.score_thresh=0.01")
     e.add_argument("--device", default="auto")
+    e.add_argument("--classes", metavar="FILE", help=CLASSES_HELP + "; replaces the checkpoint's class map")
+    e.add_argument("--allow-class-mismatch", action="store_true",
+                   help="evaluate even when the dataset's categories name other classes than the checkpoint's "
+                   "(both maps are printed)")
 
     r = sub.add_parser("predict", help="detect and segment objects (and keypoints) in images",
                        description="Run a checkpoint on images (files, folders or glob patterns); writes overlay "
@@ -64,9 +102,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--config", "-c", metavar="PRESET_OR_YAML",
                    help="the model of a detectron2/torchvision --weights file (e.g. detectron2_mask_rcnn_R_50_FPN_3x)")
     r.add_argument("--output", default="outputs/predict", help="output folder (default: outputs/predict)")
-    r.add_argument("--score-thresh", type=float, default=0.5, help="minimum score to keep (default: 0.5)")
+    r.add_argument("--score-thresh", type=_unit_interval, default=0.5, help="minimum score to keep, 0-1 (default: 0.5)")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     r.add_argument("--device", default="auto")
+    r.add_argument("--classes", metavar="FILE", help=CLASSES_HELP + "; replaces the checkpoint's class map")
 
     d = sub.add_parser("demo", help="generate shapes, train, evaluate and predict, on the CPU in minutes",
                        description="The whole job on the built-in synthetic shapes: write the dataset, train the "
@@ -85,6 +124,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--from", dest="source_format", choices=["auto", "torchvision", "detectron2"], default="auto",
                    help="auto: detectron2 for .pkl files and detectron2_* presets, else torchvision")
     _add_config_args(c, "torchvision_maskrcnn_resnet50_fpn")
+    c.add_argument("--classes", metavar="FILE", help=CLASSES_HELP + "; stored in the checkpoint. Without it, heads "
+                   "of COCO's layouts get COCO's classes, others placeholder names 1..K that eval refuses")
 
     s = sub.add_parser("smoke", help="run the detection ops (NMS, RoIAlign, RoIPool) on a generated image",
                        description="Generate an image with shapes and detector-like candidate boxes, keep the best "
@@ -99,21 +140,43 @@ def _expand_inputs(inputs: list[str]) -> list[Path]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+            images = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+            if not images:
+                raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in the folder {item}")
+            found += images
         elif p.is_file():
             found.append(p)
         else:
             matches = sorted(Path(m) for m in glob.glob(item, recursive=True))
             if not matches:
-                raise SystemExit(f"maskrcnn predict: no such file, folder or pattern: {item}")
+                raise FileNotFoundError(f"no such file, folder or pattern: {item}")
             found += [m for m in matches if m.suffix.lower() in IMAGE_SUFFIXES]
     if not found:
-        raise SystemExit("maskrcnn predict: no images found in the inputs")
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) among the inputs {inputs}")
     return found
+
+
+def _check_output_dir(path: str | Path, what: str = "output folder") -> Path:
+    """Fail before any work when ``path`` cannot be created or written (nothing is created here, so a
+    later error leaves no empty folder behind)."""
+    import os
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"cannot use {what} {path}: it is a file, not a folder")
+    existing = path
+    while not existing.exists():  # the nearest existing ancestor decides whether the rest can be made
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"cannot create {what} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot create or write {what} {path}: {existing} is not writable")
+    return path
 
 
 def predict_images(predictor, paths: list[Path], out_dir: Path, score_thresh: float) -> Path:
     """Overlay PNGs and a COCO-results ``predictions.json`` for ``paths``; returns the JSON path."""
+    from maskrcnn.data.transforms import BadImageError
     from maskrcnn.evaluation.coco_eval import instances_to_coco
     from maskrcnn.visualize import draw_instances
 
@@ -122,8 +185,8 @@ def predict_images(predictor, paths: list[Path], out_dir: Path, score_thresh: fl
     for k, path in enumerate(paths):
         try:
             out = predictor(path)
-        except ValueError as e:  # unreadable image: report and go on
-            failures.append(f"{path}: {e}")
+        except BadImageError as e:  # report and go on (a ValueError from the model is a bug: not caught)
+            failures.append(str(e))
             continue
         keep = out["scores"] >= score_thresh
         sel = {key: out[key][keep] for key in ("boxes", "scores", "labels", "masks", "keypoints", "keypoints_scores")
@@ -143,6 +206,8 @@ def predict_images(predictor, paths: list[Path], out_dir: Path, score_thresh: fl
     json_path.write_text(json.dumps(results))
     for f in failures:
         print(f"skipped {f}", file=sys.stderr)
+    if paths and len(failures) == len(paths):
+        raise BadImageError(f"none of the {len(paths)} images could be read (see the lines above)")
     return json_path
 
 
@@ -156,6 +221,7 @@ def _cmd_train(args) -> int:
     cfg = get_config(args.config, args.overrides)
     if args.output:
         cfg.train.output_dir = args.output
+    _check_output_dir(cfg.train.output_dir)
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
     if result.get("checkpoint"):
         print(f"checkpoint: {result['checkpoint']}\nmetrics: {Path(result['output_dir']) / 'metrics.jsonl'}\n"
@@ -163,26 +229,61 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _check_eval_classes(class_map, json_path: Path, allow: bool) -> None:
+    """Refuse to score a checkpoint against categories that name other classes (a silent AP of 0)."""
+    from maskrcnn.data.coco import DatasetError
+    from maskrcnn.structures.class_map import ClassMap, class_map_mismatch
+
+    try:
+        dataset_map = ClassMap.from_file(json_path, keypoints=False)
+    except (OSError, ValueError):  # the dataset's own checks report a broken file better
+        return
+    problem = class_map_mismatch(class_map, dataset_map)
+    if problem and not allow:  # when allowed, evaluate_model prints both maps as a warning
+        raise DatasetError(f"{json_path}: {problem}\n  pass --classes FILE with the classes the checkpoint was "
+                           f"trained on (e.g. its training set's JSON), or --allow-class-mismatch to evaluate anyway")
+
+
 def _cmd_eval(args) -> int:
-    from maskrcnn.data.coco import CocoDataset
-    from maskrcnn.engine.evaluate import evaluate_model
-    from maskrcnn.engine.predictor import Predictor
-    from maskrcnn.evaluation.coco_eval import format_metrics
+    import os
+
+    import torch.distributed as dist
 
     from maskrcnn.data.build import dataset_paths
+    from maskrcnn.data.coco import CocoDataset
+    from maskrcnn.evaluation.evaluate import evaluate_model
+    from maskrcnn.engine.predictor import Predictor
+    from maskrcnn.engine.trainer import DistInfo, init_distributed, select_device
+    from maskrcnn.evaluation.coco_eval import format_metrics
 
-    pred = Predictor(args.weights, args.device, args.overrides, args.config)
-    if args.dataset:
-        json_path, images = Path(args.dataset), Path(args.images or Path(args.dataset).parent)
-    else:  # the validation set the checkpoint was trained with (its own files, or the built-in shapes)
-        paths = dataset_paths(pred.cfg)
-        if "val" not in paths:
-            raise SystemExit("maskrcnn eval: no dataset: pass --dataset (and --images)")
-        json_path, images = paths["val"]
-    dataset = CocoDataset(json_path, images, class_map=pred.class_map, on_bad_sample=pred.cfg.data.on_bad_sample)
-    metrics = evaluate_model(pred.model, dataset, args.output, oks_sigmas=pred.cfg.model.keypoint_head.oks_sigmas)
-    print(format_metrics(metrics))
-    print(f"results: {Path(args.output).resolve()}")
+    _check_output_dir(args.output)
+    # under torchrun each process evaluates its shard of the images; rank 0 gathers, scores and prints
+    device = select_device(args.device, DistInfo(local_rank=int(os.environ.get("LOCAL_RANK", "0"))))
+    info = init_distributed(device.type)
+    try:
+        pred = Predictor(args.weights, str(device), args.overrides, args.config, args.classes)
+        if args.dataset:
+            json_path, images = Path(args.dataset), Path(args.images or Path(args.dataset).parent)
+        else:  # the validation set the checkpoint was trained with (its own files, or the built-in shapes)
+            # the main process alone may generate the built-in dataset; the others wait for it
+            paths = dataset_paths(pred.cfg) if info.main else {}
+            if info.world_size > 1:
+                dist.barrier()
+                paths = paths or dataset_paths(pred.cfg)
+            if "val" not in paths:
+                raise ValueError("no dataset: pass --dataset (and --images)")
+            json_path, images = paths["val"]
+        _check_eval_classes(pred.class_map, Path(json_path), args.allow_class_mismatch)
+        dataset = CocoDataset(json_path, images, class_map=pred.class_map, on_bad_sample=pred.cfg.data.on_bad_sample,
+                              keypoint_convention=pred.cfg.model.keypoint_head.pixel_convention)
+        metrics = evaluate_model(pred.model, dataset, args.output, info.rank, info.world_size,
+                                 oks_sigmas=pred.cfg.model.keypoint_head.oks_sigmas)
+        if info.main:
+            print(format_metrics(metrics))
+            print(f"results: {Path(args.output).resolve()}")
+    finally:
+        if info.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 
@@ -190,7 +291,8 @@ def _cmd_predict(args) -> int:
     from maskrcnn.engine.predictor import Predictor
 
     paths = _expand_inputs(args.inputs)  # before loading the model: a typo fails at once
-    pred = Predictor(args.weights, args.device, args.overrides, args.config)
+    _check_output_dir(args.output)
+    pred = Predictor(args.weights, args.device, args.overrides, args.config, args.classes)
     json_path = predict_images(pred, paths, Path(args.output), args.score_thresh)
     print(f"wrote overlays and {json_path}")
     return 0
@@ -202,7 +304,7 @@ def _cmd_demo(args) -> int:
     from maskrcnn.engine.trainer import train
 
     start = time.perf_counter()
-    out = Path(args.output)
+    out = _check_output_dir(args.output)
     cfg = get_config(args.config, args.overrides)
     cfg.train.output_dir = str(out / "train")
     cfg.data.shapes_dir = str(out / "shapes")
@@ -227,36 +329,118 @@ def _cmd_convert(args) -> int:
     from maskrcnn.engine.checkpoint import save_checkpoint
     from maskrcnn.interop.external import load_external
     from maskrcnn.modeling.build import build_model
+    from maskrcnn.structures.class_map import ClassMap
 
     cfg = get_config(args.config, args.overrides)
+    destination = Path(args.destination)
+    if destination.is_dir():
+        raise IsADirectoryError(f"the destination {destination} is a folder: give the checkpoint's file name")
+    _check_output_dir(destination.parent, "the destination's folder")
+    classes = ClassMap.from_file(args.classes) if args.classes else None
     model = build_model(cfg)
-    class_map = load_external(model, args.source, cfg, args.config, args.source_format)
+    class_map = load_external(model, args.source, cfg, args.config, args.source_format, classes=classes)
     path = save_checkpoint(args.destination, model.state_dict(), cfg.to_dict(), class_map.to_dict(), 0)
     print(f"wrote {path} ({args.config}, {class_map.num_classes} classes)")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.command == "smoke":
-        from maskrcnn.smoke import run_smoke
+def _cmd_smoke(args) -> int:
+    from maskrcnn.engine.smoke import run_smoke
 
-        run_smoke(args.out, args.seed)
-        return 0
-    commands = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "demo": _cmd_demo,
-                "convert": _cmd_convert}
-    if args.command not in commands:
-        parser.print_help()
-        return 2
+    run_smoke(_check_output_dir(args.out), args.seed)
+    return 0
+
+
+def _raised_by_us(e: BaseException) -> bool:
+    """Whether the innermost frame of ``e`` is this package's code (a check of ours), not torch's or numpy's."""
+    tb = e.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    package = Path(__file__).resolve().parent
+    return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(package)
+
+
+def is_user_error(e: BaseException) -> bool:
+    """An error the user can fix from its message (one line) rather than a bug of ours (a traceback).
+
+    Our error classes are about the inputs by definition. Our other checks raise ValueError or
+    TypeError naming the input; the same types raised inside torch or numpy by a call of ours mean we
+    passed something wrong: a bug. OSError (files, permissions, a full disk) is always the
+    environment's; FloatingPointError is the trainer's diverged-loss report; out of memory is about
+    the sizes the user chose.
+    """
+    import torch
+
     from maskrcnn.config import ConfigError
     from maskrcnn.data.coco import DatasetError
+    from maskrcnn.data.transforms import BadImageError
+    from maskrcnn.interop.checkpoint import CheckpointError
 
-    try:
-        return commands[args.command](args)
-    except (ConfigError, DatasetError, FileNotFoundError, FloatingPointError) as e:
-        print(f"maskrcnn {args.command}: error: {e}", file=sys.stderr)
-        return 1
+    ours = (ConfigError, DatasetError, BadImageError, CheckpointError)
+    if isinstance(e, (*ours, OSError, FloatingPointError, torch.cuda.OutOfMemoryError)):
+        return True
+    return isinstance(e, (ValueError, TypeError)) and _raised_by_us(e)
+
+
+def one_line(e: BaseException) -> str:
+    """The message of ``e`` on one line (a multi-line message's lines joined with "; ")."""
+    if isinstance(e, OSError) and e.strerror and e.filename:  # not "[Errno 2] ...": the file, then why
+        text = f"{e.filename}: {e.strerror}"
+    else:  # a KeyError's str() is the repr of its message
+        text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    joined = ""
+    for line in filter(None, (raw.strip() for raw in text.splitlines())):
+        joined += ("" if not joined else " " if joined.endswith(":") else "; ") + line
+    return joined or type(e).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    import os
+    import traceback
+    import warnings
+
+    parser = _parser()
+    args = parser.parse_args(argv)
+    commands = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "demo": _cmd_demo,
+                "convert": _cmd_convert, "smoke": _cmd_smoke}
+    if args.command not in commands:
+        parser.print_help()
+        return EXIT_USAGE
+    prog = f"maskrcnn {args.command}"
+    debug = getattr(args, "debug", False) or os.environ.get("MASKRCNN_DEBUG", "") not in ("", "0")
+
+    def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+        from tqdm import tqdm
+
+        # a reported skip is one line too (--debug keeps Python's format, with the file and line), on
+        # a line of its own while a progress bar is drawn
+        text = one_line(message if isinstance(message, Warning) else Warning(message))
+        tqdm.write(f"{prog}: warning: {text}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        if not debug:
+            warnings.showwarning = show_warning
+        try:
+            return commands[args.command](args)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            print(f"{prog}: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except Exception as e:
+            if debug:
+                raise
+            if is_user_error(e):
+                print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+                return EXIT_INPUT
+            # a bug: its traceback is what a report needs, printed now because running again with
+            # --debug to get it could cost hours of training, or not fail the same way twice
+            traceback.print_exc()
+            print(f"{prog}: internal error ({type(e).__name__}): a bug of maskrcnn; please report it with the "
+                  f"traceback above", file=sys.stderr)
+            return EXIT_BUG
 
 
 if __name__ == "__main__":

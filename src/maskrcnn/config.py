@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,142 +38,177 @@ def _above(default: Any, low: float, doc: str = "") -> Any:
     return field(default=default, metadata={"above": low, "doc": doc})
 
 
+def _between(default: Any, low: float, high: float, doc: str = "", *, high_open: bool = False) -> Any:
+    """A number in ``[low, high]`` (``[low, high)`` with ``high_open``)."""
+    return field(default=default, metadata={"min": low, ("below" if high_open else "max"): high, "doc": doc})
+
+
+def _positive(default: Any, doc: str = "") -> Any:
+    """Numbers (a number, or every number of a list or nested lists) that must be > 0."""
+    return _above(default, 0, doc)
+
+
 @dataclass
 class InputConfig:
     """What the network sees. Users always pass RGB images, float 0-1 or uint8 0-255."""
 
     channel_order: str = _choice("RGB", ("RGB", "BGR"), "channel order the first conv expects")
-    pixel_scale: float = 1.0  # 1.0: pixels in 0-1 (torchvision weights); 255.0: 0-255 (detectron2 weights)
+    pixel_scale: float = _positive(1.0)  # 1.0: pixels in 0-1 (torchvision weights); 255.0: 0-255 (detectron2 weights)
     pixel_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # in pixel_scale units, network order
-    pixel_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    min_size_train: tuple[int, ...] = (800,)  # shortest side; one drawn per image (multi-scale training)
-    max_size_train: int = 1333
-    min_size_test: int = 800
-    max_size_test: int = 1333
-    size_divisibility: int = 32
+    pixel_std: tuple[float, float, float] = _positive((0.229, 0.224, 0.225))
+    min_size_train: tuple[int, ...] = _positive((800,))  # shortest side; one drawn per image (multi-scale training)
+    max_size_train: int = _positive(1333)
+    min_size_test: int = _positive(800)
+    max_size_test: int = _positive(1333)
+    size_divisibility: int = _at_least(32, 0)
     resize_style: str = _choice("torchvision", ("torchvision", "detectron2"), "size rounding and filter of the resize")
 
 
 @dataclass
 class BackboneConfig:
     depth: int = _choice(50, (18, 34, 50, 101, 152), "ResNet depth")
-    groups: int = 1  # ResNeXt cardinality (32 for X-101-32x8d)
-    width_per_group: int = 64  # ResNeXt bottleneck width per group (8 for X-101-32x8d)
-    stem_channels: int = 64  # thinner trunks for CPU: e.g. 32 with res2_channels 32 (a half-width ResNet-18)
-    res2_channels: int = 0  # output channels of res2, doubling per stage; 0: standard (256, or 64 for R18/34)
+    groups: int = _at_least(1, 1)  # ResNeXt cardinality (32 for X-101-32x8d)
+    width_per_group: int = _at_least(64, 1)  # ResNeXt bottleneck width per group (8 for X-101-32x8d)
+    # thinner trunks for CPU: e.g. 32 with res2_channels 32 (a half-width ResNet-18)
+    stem_channels: int = _at_least(64, 1)
+    # output channels of res2, doubling per stage; 0: standard (256, or 64 for R18/34)
+    res2_channels: int = _at_least(0, 0)
     norm: str = _choice("FrozenBN", NORMS, "normalisation in the trunk")
-    norm_eps: float = 1e-5  # 0.0 for torchvision's v1 COCO weights
+    norm_eps: float = _at_least(1e-5, 0.0)  # 0.0 for torchvision's v1 COCO weights
     stride_in_1x1: bool = False  # True for MSRA/detectron2 weights, False for torchvision's ImageNet weights
-    freeze_at: int = 2  # 0: train all; 1: freeze the stem; k >= 2: stem and res2..res{k}
+    freeze_at: int = _between(2, 0, 5)  # 0: train all; 1: freeze the stem; k >= 2: stem and res2..res{k}
     weights: str = ""  # optional torchvision ImageNet classification checkpoint to initialise the trunk
 
 
 @dataclass
 class FPNConfig:
-    out_channels: int = 256
+    out_channels: int = _at_least(256, 1)
     norm: str = _choice("", NORMS, "normalisation in lateral/output convs")
-    norm_eps: float = 1e-5
+    norm_eps: float = _at_least(1e-5, 0.0)
 
 
 @dataclass
 class AnchorConfig:
-    sizes: tuple[tuple[float, ...], ...] = ((32,), (64,), (128,), (256,), (512,))  # per level
-    aspect_ratios: tuple[tuple[float, ...], ...] = ((0.5, 1.0, 2.0),)  # height/width; one tuple = all levels
+    sizes: tuple[tuple[float, ...], ...] = _positive(((32,), (64,), (128,), (256,), (512,)))  # per level
+    aspect_ratios: tuple[tuple[float, ...], ...] = _positive(((0.5, 1.0, 2.0),))  # height/width; one tuple = all levels
     style: str = _choice("detectron2", ("torchvision", "detectron2"), "see maskrcnn.modeling.anchors")
     offset: float = 0.0
 
 
 @dataclass
 class RPNConfig:
-    num_convs: int = 1
-    fg_iou_thresh: float = 0.7
-    bg_iou_thresh: float = 0.3
-    batch_size_per_image: int = 256
-    positive_fraction: float = 0.5
-    pre_nms_topk_train: int = 2000  # per FPN level
-    pre_nms_topk_test: int = 1000
-    post_nms_topk_train: int = 1000  # per image
-    post_nms_topk_test: int = 1000
-    nms_thresh: float = 0.7
-    min_size: float = 0.0  # proposals must be wider and taller than this
-    score_thresh: float = 0.0
+    num_convs: int = _at_least(1, 0)
+    fg_iou_thresh: float = _between(0.7, 0.0, 1.0)
+    bg_iou_thresh: float = _between(0.3, 0.0, 1.0)
+    batch_size_per_image: int = _at_least(256, 1)
+    positive_fraction: float = _between(0.5, 0.0, 1.0)
+    pre_nms_topk_train: int = _at_least(2000, 1)  # per FPN level
+    pre_nms_topk_test: int = _at_least(1000, 1)
+    post_nms_topk_train: int = _at_least(1000, 1)  # per image
+    post_nms_topk_test: int = _at_least(1000, 1)
+    nms_thresh: float = _between(0.7, 0.0, 1.0)
+    min_size: float = _at_least(0.0, 0.0)  # proposals must be wider and taller than this
+    score_thresh: float = _between(0.0, 0.0, 1.0)
     nms_on_probability: bool = False
-    bbox_reg_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
-    smooth_l1_beta: float = 0.0
+    bbox_reg_weights: tuple[float, float, float, float] = _positive((1.0, 1.0, 1.0, 1.0))
+    smooth_l1_beta: float = _at_least(0.0, 0.0)
     loss_normalizer: str = _choice("batch", ("batch", "sampled"), "divide losses by batch_size*images or by #sampled")
-    objectness_loss_weight: float = 1.0
-    box_loss_weight: float = 1.0
-    crowd_ioa_thresh: float = 0.7  # negative anchors this much inside an iscrowd region are ignored
+    objectness_loss_weight: float = _at_least(1.0, 0.0)
+    box_loss_weight: float = _at_least(1.0, 0.0)
+    crowd_ioa_thresh: float = _between(0.7, 0.0, 1.0)  # negative anchors this much inside an iscrowd region are ignored
 
 
 @dataclass
 class ROIHeadsConfig:
-    num_classes: int = 80  # foreground classes
-    fg_iou_thresh: float = 0.5
-    bg_iou_thresh: float = 0.5
-    batch_size_per_image: int = 512
-    positive_fraction: float = 0.25
+    num_classes: int = _at_least(80, 1)  # foreground classes
+    fg_iou_thresh: float = _between(0.5, 0.0, 1.0)
+    bg_iou_thresh: float = _between(0.5, 0.0, 1.0)
+    batch_size_per_image: int = _at_least(512, 1)
+    positive_fraction: float = _between(0.25, 0.0, 1.0)
     append_gt: bool = True
-    score_thresh: float = 0.05
-    nms_thresh: float = 0.5
-    detections_per_image: int = 100
+    score_thresh: float = _between(0.05, 0.0, 1.0)
+    nms_thresh: float = _between(0.5, 0.0, 1.0)
+    detections_per_image: int = _at_least(100, 1)
     min_size: float = 0.0  # detections narrower or shorter than this are dropped (< 0: keep all)
     drop_empty_detections: bool = False  # detectron2: after NMS and top-k, drop zero-width/height boxes
-    pooler_canonical_scale: float = 224.0  # FPN level assignment, Eqn. 1 of the FPN paper
+    pooler_canonical_scale: float = _positive(224.0)  # FPN level assignment, Eqn. 1 of the FPN paper
     pooler_canonical_level: int = 4
-    pooler_level_eps: float = 0.0  # torchvision: 1e-6 added to the level
-    pooler_level_log_eps: float = 1e-8  # detectron2: 1e-8 added inside the log
-    crowd_ioa_thresh: float = 0.7  # background proposals this much inside an iscrowd region are not sampled
+    pooler_level_eps: float = _at_least(0.0, 0.0)  # torchvision: 1e-6 added to the level
+    pooler_level_log_eps: float = _at_least(1e-8, 0.0)  # detectron2: 1e-8 added inside the log
+    # background proposals this much inside an iscrowd region are not sampled
+    crowd_ioa_thresh: float = _between(0.7, 0.0, 1.0)
 
 
 @dataclass
 class BoxHeadConfig:
-    pooler_resolution: int = 7
+    pooler_resolution: int = _at_least(7, 1)
     pooler_sampling_ratio: int = 0  # <= 0: adaptive
     pooler_aligned: bool = True
     pooler_type: str = _choice("ROIAlign", ("ROIAlign", "ROIPool"), "RoI feature extractor")
-    num_conv: int = 0
-    conv_dim: int = 256
-    num_fc: int = 2
-    fc_dim: int = 1024
+    num_conv: int = _at_least(0, 0)
+    conv_dim: int = _at_least(256, 1)
+    num_fc: int = _at_least(2, 0)
+    fc_dim: int = _at_least(1024, 1)
     norm: str = _choice("", NORMS, "normalisation in the head's convs")
     class_agnostic: bool = False
-    bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
-    smooth_l1_beta: float = 0.0
+    bbox_reg_weights: tuple[float, float, float, float] = _positive((10.0, 10.0, 5.0, 5.0))
+    smooth_l1_beta: float = _at_least(0.0, 0.0)
 
 
 @dataclass
 class MaskHeadConfig:
-    pooler_resolution: int = 14
+    pooler_resolution: int = _at_least(14, 1)
     pooler_sampling_ratio: int = 0
     pooler_aligned: bool = True
     pooler_type: str = _choice("ROIAlign", ("ROIAlign", "ROIPool"), "RoI feature extractor")
-    num_conv: int = 4
-    conv_dim: int = 256
+    num_conv: int = _at_least(4, 0)
+    conv_dim: int = _at_least(256, 1)
     norm: str = _choice("", NORMS, "normalisation in the head's convs")
     class_agnostic: bool = False
     target_aligned: bool = True  # how bitmap ground truth is cropped into 28x28 targets
     target_sampling_ratio: int = 0
     target_binarize: bool = True
     paste_style: str = _choice("detectron2", ("torchvision", "detectron2"), "how masks are pasted into the image")
-    mask_threshold: float = 0.5  # output masks are mask_prob >= threshold; < 0 returns probabilities
+    # output masks are mask_prob >= threshold; < 0 returns probabilities
+    mask_threshold: float = _between(0.5, float("-inf"), 1.0)
 
 
 @dataclass
 class KeypointHeadConfig:
-    """The keypoint branch (``model.keypoint_on``): K heatmaps of (pooler * 2 * up_scale)^2 bins per RoI."""
+    """The keypoint branch (``model.keypoint_on``): K heatmaps of (pooler * 2 * up_scale)^2 bins per RoI.
 
-    num_keypoints: int = 17  # COCO person; the dataset's categories decide (checked at training start)
-    pooler_resolution: int = 14
+    ``pixel_convention``: how the integer pixel indices of COCO's keypoint annotations relate to the
+    model's continuous coordinates (pixel i spans [i, i+1)). The two zoos were trained differently,
+    and each scores its best only under its own rule:
+
+    - ``"detectron2"``: ``data/datasets/coco.py`` ``load_coco_json`` adds 0.5 to every keypoint x and y
+      on load (index -> pixel centre); the flip (fvcore ``HFlipTransform.apply_coords``, used by
+      ``data/detection_utils.py`` ``transform_keypoint_annotations``) maps x -> W - x on those shifted
+      values; ``evaluation/coco_evaluation.py`` ``instances_to_coco_json`` subtracts 0.5 from x and y
+      before writing the results JSON.
+    - ``"torchvision"``: ``references/detection/coco_utils.py`` ``ConvertCocoPolysToMask`` keeps the
+      values of the file; ``references/detection/transforms.py`` ``_flip_coco_person_keypoints`` maps
+      x -> W - x (not W - 1 - x); ``references/detection/coco_eval.py`` ``prepare_for_coco_keypoint``
+      writes the predictions unchanged.
+
+    Both libraries' predictors return the model's coordinates unshifted, and so does ours: the
+    offset applies only between the annotation/results files and the model. The default is
+    torchvision's (no shift), what checkpoints saved before this option were trained with.
+    """
+
+    num_keypoints: int = _at_least(17, 1)  # COCO person; the dataset's categories decide (checked at training start)
+    pooler_resolution: int = _at_least(14, 1)
     pooler_sampling_ratio: int = 0
     pooler_aligned: bool = True
     pooler_type: str = _choice("ROIAlign", ("ROIAlign", "ROIPool"), "RoI feature extractor")
-    conv_dims: tuple[int, ...] = (512,) * 8  # the paper's eight 3x3 conv-512 layers
-    up_scale: int = 2  # bilinear upsampling after the stride-2 deconv: 14 -> 28 -> 56
-    loss_weight: float = 1.0
+    conv_dims: tuple[int, ...] = _positive((512,) * 8)  # the paper's eight 3x3 conv-512 layers
+    up_scale: int = _at_least(2, 1)  # bilinear upsampling after the stride-2 deconv: 14 -> 28 -> 56
+    loss_weight: float = _at_least(1.0, 0.0)
     loss_normalizer: str = _choice("visible", ("visible", "fixed"), "mean over labelled keypoints, or a fixed count")
     score: str = _choice("logit", ("logit", "softmax"), "keypoints_scores: peak logit (torchvision) or probability")
-    oks_sigmas: tuple[float, ...] = ()  # per keypoint, for OKS AP; () = COCO person's (needs 17 keypoints)
+    oks_sigmas: tuple[float, ...] = _positive(())  # per keypoint, for OKS AP; () = COCO person's (needs 17 keypoints)
+    pixel_convention: str = _choice("torchvision", ("torchvision", "detectron2"),
+                                    "keypoint file coordinates vs the model's: detectron2 shifts by half a pixel")
 
 
 @dataclass
@@ -180,10 +216,11 @@ class CascadeConfig:
     """Cascade R-CNN box stages (``enabled``); one entry per stage in the tuples."""
 
     enabled: bool = False
-    ious: tuple[float, ...] = (0.5, 0.6, 0.7)  # foreground IoU threshold of each stage
-    bbox_reg_weights: tuple[tuple[float, float, float, float], ...] = (
-        (10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0))
-    stage_loss_weights: tuple[float, ...] = (1.0, 1.0, 1.0)  # Cascade R-CNN paper / mmdetection: 1, 0.5, 0.25
+    ious: tuple[float, ...] = _between((0.5, 0.6, 0.7), 0.0, 1.0)  # foreground IoU threshold of each stage
+    bbox_reg_weights: tuple[tuple[float, float, float, float], ...] = _positive((
+        (10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0)))
+    # Cascade R-CNN paper / mmdetection: 1, 0.5, 0.25
+    stage_loss_weights: tuple[float, ...] = _at_least((1.0, 1.0, 1.0), 0.0)
     scale_gradients: bool = True  # detectron2: 1/num_stages on the pooled features shared by all stages
     resample: bool = False  # mmdetection: a new balanced sample each stage; detectron2: the same RoIs, re-labelled
     mask_mode: str = _choice("last", ("last", "per_stage"), "one mask head (detectron2) or one per stage, averaged")
@@ -220,16 +257,17 @@ class DataConfig:
     keep_empty_images: bool = True  # train on images without annotations as negatives
     on_bad_sample: str = _choice("skip", ("skip", "error"), "skip (and report) or stop at a bad image/annotation")
     mask_format: str = _choice("polygon", ("polygon", "bitmap"), "keep polygons as polygons, or rasterise")
-    flip_prob: float = 0.5  # horizontal flip in training (keypoints swap left/right by their names)
-    min_keypoints_per_image: int = 0  # keypoint models: train only on images with this many labelled keypoints
-    num_workers: int = 2
+    flip_prob: float = _between(0.5, 0.0, 1.0)  # horizontal flip in training (keypoints swap left/right by their names)
+    # keypoint models: train only on images with this many labelled keypoints
+    min_keypoints_per_image: int = _at_least(0, 0)
+    num_workers: int = _at_least(2, 0)
     aspect_ratio_grouping: bool = True
     shapes_dir: str = "outputs/shapes"
-    shapes_train: int = 400
-    shapes_val: int = 50
-    shapes_size: int = 192
-    shapes_min_radius: float = 16.0
-    shapes_max_radius: float = 44.0
+    shapes_train: int = _at_least(400, 1)
+    shapes_val: int = _at_least(50, 1)
+    shapes_size: int = _at_least(192, 32)
+    shapes_min_radius: float = _positive(16.0)
+    shapes_max_radius: float = _positive(44.0)
     shapes_seed: int = 0
     shapes_keypoints: bool = False  # stars with their five tips as keypoints (plus unlabelled distractor shapes)
 
@@ -245,30 +283,30 @@ class SolverConfig:
 
     ims_per_batch: int = _at_least(16, 1, "global: split evenly over the processes")
     base_lr: float = _above(0.02, 0.0)
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    weight_decay_norm: float = 0.0  # for norm layers' scales and shifts
+    momentum: float = _between(0.9, 0.0, 1.0, high_open=True)
+    weight_decay: float = _at_least(1e-4, 0.0)
+    weight_decay_norm: float = _at_least(0.0, 0.0)  # for norm layers' scales and shifts
     max_iter: int = _at_least(90000, 1)
     schedule: str = _choice("step", ("step", "cosine"), "learning rate decay after warm-up")
-    steps: tuple[int, ...] = (60000, 80000)  # "step": multiply by gamma at each
-    gamma: float = 0.1
-    warmup_iters: int = 1000
-    warmup_factor: float = 0.001  # lr starts at base_lr * warmup_factor, grows linearly
-    clip_grad_norm: float = 0.0  # 0 disables
+    steps: tuple[int, ...] = _at_least((60000, 80000), 1)  # "step": multiply by gamma at each (increasing)
+    gamma: float = _positive(0.1)
+    warmup_iters: int = _at_least(1000, 0)
+    warmup_factor: float = _between(0.001, 0.0, 1.0)  # lr starts at base_lr * warmup_factor, grows linearly
+    clip_grad_norm: float = _at_least(0.0, 0.0)  # 0 disables
     amp: str = _choice("", ("", "bf16", "fp16"), "mixed precision: bf16 (CPU or GPU) or fp16 (GPU)")
 
 
 @dataclass
 class TrainConfig:
     output_dir: str = "outputs/train"
-    checkpoint_period: int = 5000
-    eval_period: int = 0  # 0: only at the end
-    log_period: int = 20
+    checkpoint_period: int = _at_least(5000, 0)  # 0: only the final checkpoint
+    eval_period: int = _at_least(0, 0)  # 0: only at the end
+    log_period: int = _at_least(20, 1)
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     init_weights: str = ""  # a checkpoint of ours to start from (fine-tuning)
     init_weights_reset_heads: bool = False  # allow init_weights from other classes: new class predictors
-    eval_max_images: int = 0  # 0: the whole validation set
+    eval_max_images: int = _at_least(0, 0)  # 0: the whole validation set
 
 
 @dataclass
@@ -335,6 +373,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
         return float(value)
@@ -345,15 +388,58 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"config key '{key}': unsupported type {tp}")
 
 
+def _numbers(value: Any) -> list:
+    """The numbers of a value: itself, or those of a (nested) list."""
+    return [v for item in value for v in _numbers(item)] if isinstance(value, tuple) else [value]
+
+
 def _check_choice(f: dataclasses.Field, value: Any, key: str) -> None:
-    """The allowed values or range a field declares (``_choice``, ``_at_least``, ``_above``)."""
+    """The allowed values or range a field declares (``_choice``, ``_at_least``, ``_above``, ``_between``);
+    a range applies to every number of a list (anchor sizes, per-stage IoUs ...)."""
     choices = f.metadata.get("choices")
     if choices is not None and value not in choices:
         raise ConfigError(f"config key '{key}' must be one of {list(choices)}, got {value!r}")
-    if "min" in f.metadata and not value >= f.metadata["min"]:
-        raise ConfigError(f"config key '{key}' must be at least {f.metadata['min']}, got {value!r}")
-    if "above" in f.metadata and not value > f.metadata["above"]:
-        raise ConfigError(f"config key '{key}' must be greater than {f.metadata['above']}, got {value!r}")
+    m = f.metadata
+    # `not x >= low` rather than `x < low`: NaN fails every comparison and so every bound
+    for v in _numbers(value):
+        name, got = (f"'{key}' values", f"got {v!r} in {_to_plain(value)!r}") if isinstance(value, tuple) \
+            else (f"'{key}'", f"got {v!r}")
+        if "max" in m and not m["min"] <= v <= m["max"]:
+            low = "" if m["min"] == float("-inf") else f"at least {m['min']} and "
+            raise ConfigError(f"config key {name} must be {low}at most {m['max']}, {got}")
+        if "below" in m and not m["min"] <= v < m["below"]:
+            raise ConfigError(f"config key {name} must be at least {m['min']} and below {m['below']}, {got}")
+        if "min" in m and not v >= m["min"]:
+            raise ConfigError(f"config key {name} must be at least {m['min']}, {got}")
+        if "above" in m and not v > m["above"]:
+            raise ConfigError(f"config key {name} must be greater than {m['above']}, {got}")
+
+
+def check_config(cfg: Config) -> Config:
+    """The checks that involve several keys (each key's own range is checked when it is set): run on
+    a finished config, since overrides arrive one at a time and may pass through inconsistent states."""
+    s, i, m, d = cfg.solver, cfg.model.input, cfg.model, cfg.data
+    if any(b <= a for a, b in zip(s.steps, s.steps[1:])):
+        raise ConfigError(f"config key 'solver.steps' must be increasing, got {list(s.steps)}")
+    if s.schedule == "step" and s.steps and s.steps[-1] > s.max_iter:
+        # legitimate (a short run of a long recipe, as detectron2 allows), but rarely meant: say so
+        warnings.warn(f"config key 'solver.steps' {list(s.steps)} goes beyond solver.max_iter={s.max_iter}: the "
+                      f"learning rate will not decay at those steps (scale them with max_iter, or set "
+                      f"solver.schedule=cosine)", stacklevel=2)
+    for phase in ("train", "test"):
+        low = max(_numbers(getattr(i, f"min_size_{phase}")))
+        if getattr(i, f"max_size_{phase}") < low:
+            raise ConfigError(f"config key 'model.input.max_size_{phase}' ({getattr(i, f'max_size_{phase}')}) must "
+                              f"be at least model.input.min_size_{phase} ({low})")
+    for head in ("rpn", "roi_heads"):
+        h = getattr(m, head)
+        if h.bg_iou_thresh > h.fg_iou_thresh:
+            raise ConfigError(f"config key 'model.{head}.bg_iou_thresh' ({h.bg_iou_thresh}) must not exceed "
+                              f"model.{head}.fg_iou_thresh ({h.fg_iou_thresh})")
+    if d.shapes_max_radius < d.shapes_min_radius:
+        raise ConfigError(f"config key 'data.shapes_max_radius' ({d.shapes_max_radius}) must be at least "
+                          f"data.shapes_min_radius ({d.shapes_min_radius})")
+    return cfg
 
 
 def _from_dict(cls: type, data: dict, prefix: str = "", base: Any = None) -> Any:
@@ -585,6 +671,7 @@ def _detectron2_convention(cfg: Config) -> Config:
     m.roi_heads.min_size, m.roi_heads.drop_empty_detections = -1.0, True
     m.box_decode_float32 = True
     m.keypoint_head.score = "softmax"
+    m.keypoint_head.pixel_convention = "detectron2"
     return cfg
 
 
@@ -661,6 +748,7 @@ def torchvision_maskrcnn_resnet50_fpn() -> Config:
     m.mask_head.target_sampling_ratio = -1
     m.mask_head.target_binarize = False
     m.mask_head.paste_style = "torchvision"
+    m.keypoint_head.pixel_convention = "torchvision"
     return cfg
 
 
@@ -723,4 +811,4 @@ def get_config(name: str, overrides: list[str] | None = None) -> Config:
         close = difflib.get_close_matches(name, list(PRESETS), n=3)
         raise ConfigError(f"unknown config {name!r}: not a preset or a YAML file"
                           + (f"; did you mean {close}?" if close else f"; presets: {sorted(PRESETS)}"))
-    return apply_overrides(cfg, overrides or [])
+    return check_config(apply_overrides(cfg, overrides or []))

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from maskrcnn.interop.checkpoint import CheckpointError, describe, read_torch_file
+
 FORMAT = "maskrcnn-checkpoint"
 
 
@@ -55,20 +57,20 @@ def save_checkpoint(path: str | Path, model_state: dict, config: dict, classes: 
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint of ours (raises a clear error for anything else)."""
+    """Read a checkpoint of ours; anything else is a ``CheckpointError`` (a ``ValueError``) naming the
+    file and what it holds (or ``FileNotFoundError``)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    state = read_torch_file(path)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a maskrcnn checkpoint (for torchvision weights use `maskrcnn convert` "
-                         f"or maskrcnn.interop.torchvision)")
-    for key in ("model", "config", "classes"):
-        if key not in state:
-            raise ValueError(f"{path}: checkpoint has no '{key}'")
+        if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+            found = f"a bare state dict of {len(state)} tensors (e.g. {next(iter(state))!r})"
+        else:
+            found = describe(state)
+        raise CheckpointError(f"{path} is not a maskrcnn checkpoint: it holds {found}; torchvision or detectron2 "
+                              f"weights are read with --config <their preset>, or converted by `maskrcnn convert`")
+    for key, kind in (("model", dict), ("config", dict), ("classes", dict)):
+        if not isinstance(state.get(key), kind):
+            raise CheckpointError(f"{path}: damaged maskrcnn checkpoint: '{key}' is missing or not a mapping")
     return state
 
 

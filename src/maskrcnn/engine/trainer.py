@@ -38,7 +38,7 @@ from maskrcnn.data.build import build_train_dataset, build_val_dataset, dataset_
 from maskrcnn.data.coco import ClassMap
 from maskrcnn.data.loader import training_loader
 from maskrcnn.engine.checkpoint import last_checkpoint, load_checkpoint, restore_rng, save_checkpoint
-from maskrcnn.engine.evaluate import evaluate_model
+from maskrcnn.evaluation.evaluate import evaluate_model
 from maskrcnn.engine.plot import plot_training
 from maskrcnn.evaluation.coco_eval import format_metrics
 from maskrcnn.interop.torchvision import load_imagenet_backbone
