@@ -56,11 +56,15 @@ def build_model(cfg: Config) -> MaskRCNN:
     if len(set(anchors.num_anchors)) != 1:
         raise ValueError("the RPN head is shared by all levels: every level needs the same number of anchors")
     r = m.rpn
-    rpn = RPN(RPNHead(channels, anchors.num_anchors[0], r.num_convs), anchors, r.fg_iou_thresh, r.bg_iou_thresh,
-              r.batch_size_per_image, r.positive_fraction, (r.pre_nms_topk_train, r.pre_nms_topk_test),
-              (r.post_nms_topk_train, r.post_nms_topk_test), r.nms_thresh, r.min_size, r.score_thresh,
-              r.bbox_reg_weights, r.smooth_l1_beta, r.loss_normalizer, r.objectness_loss_weight, r.box_loss_weight,
-              r.nms_on_probability, r.crowd_ioa_thresh, m.box_decode_float32)
+    rpn = RPN(RPNHead(channels, anchors.num_anchors[0], r.num_convs), anchors, fg_iou=r.fg_iou_thresh,
+              bg_iou=r.bg_iou_thresh, batch_size_per_image=r.batch_size_per_image,
+              positive_fraction=r.positive_fraction, pre_nms_topk=(r.pre_nms_topk_train, r.pre_nms_topk_test),
+              post_nms_topk=(r.post_nms_topk_train, r.post_nms_topk_test), nms_thresh=r.nms_thresh,
+              min_size=r.min_size, score_thresh=r.score_thresh, box_weights=r.bbox_reg_weights,
+              smooth_l1_beta=r.smooth_l1_beta, loss_normalizer=r.loss_normalizer,
+              objectness_loss_weight=r.objectness_loss_weight, box_loss_weight=r.box_loss_weight,
+              nms_on_probability=r.nms_on_probability, crowd_ioa_thresh=r.crowd_ioa_thresh,
+              box_decode_float32=m.box_decode_float32)
 
     rh, bh, mh = m.roi_heads, m.box_head, m.mask_head
     level_rule = dict(canonical_scale=rh.pooler_canonical_scale, canonical_level=rh.pooler_canonical_level,
@@ -116,12 +120,14 @@ def build_model(cfg: Config) -> MaskRCNN:
             mask_head = nn.ModuleList([mask_head] + [new_mask_head() for _ in range(n - 1)])
         for key in ("fg_iou", "bg_iou", "box_weights"):
             common.pop(key)
-        roi_heads = CascadeROIHeads(box_pooler, heads, predictors, rh.num_classes, mask_pooler, mask_head, cc.ious,
-                                    cc.bbox_reg_weights, cc.stage_loss_weights, cc.scale_gradients, cc.resample,
-                                    cc.mask_mode, **common)
+        roi_heads = CascadeROIHeads(box_pooler, heads, predictors, num_classes=rh.num_classes, mask_pooler=mask_pooler,
+                                    mask_head=mask_head, stage_ious=cc.ious, stage_box_weights=cc.bbox_reg_weights,
+                                    stage_loss_weights=cc.stage_loss_weights, scale_gradients=cc.scale_gradients,
+                                    resample=cc.resample, mask_mode=cc.mask_mode, **common)
     else:
         heads_cls = Res5ROIHeads if c4 else StandardROIHeads
-        roi_heads = heads_cls(box_pooler, box_head, predictor, rh.num_classes, mask_pooler, mask_head, **common)
+        roi_heads = heads_cls(box_pooler, box_head, predictor, num_classes=rh.num_classes, mask_pooler=mask_pooler,
+                              mask_head=mask_head, **common)
     model = MaskRCNN(preprocess, backbone, rpn, roi_heads, rh.num_classes, rpn_levels, roi_levels, mh.paste_style,
                      mh.mask_threshold, m.channels_last)
     return model.to(memory_format=torch.channels_last) if m.channels_last else model

@@ -68,7 +68,7 @@ class RPN(nn.Module):
         box_decode_float32: decode proposals in float32 whatever the model's dtype (detectron2).
     """
 
-    def __init__(self, head: RPNHead, anchor_generator: AnchorGenerator, fg_iou: float = 0.7, bg_iou: float = 0.3,
+    def __init__(self, head: RPNHead, anchor_generator: AnchorGenerator, *, fg_iou: float = 0.7, bg_iou: float = 0.3,
                  batch_size_per_image: int = 256, positive_fraction: float = 0.5,
                  pre_nms_topk: tuple[int, int] = (2000, 1000), post_nms_topk: tuple[int, int] = (2000, 1000),
                  nms_thresh: float = 0.7, min_size: float = 1e-3, score_thresh: float = 0.0,

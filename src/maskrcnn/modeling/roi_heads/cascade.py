@@ -54,7 +54,7 @@ class CascadeROIHeads(StandardROIHeads):
         mask_mode: ``"last"`` or ``"per_stage"`` (then ``mask_head`` is a ``nn.ModuleList``, one per stage).
     """
 
-    def __init__(self, box_pooler, box_heads: Sequence[nn.Module], box_predictors: Sequence[nn.Module],
+    def __init__(self, box_pooler, box_heads: Sequence[nn.Module], box_predictors: Sequence[nn.Module], *,
                  num_classes: int, mask_pooler=None, mask_head: nn.Module | None = None,
                  stage_ious: Sequence[float] = (0.5, 0.6, 0.7),
                  stage_box_weights: Sequence[tuple[float, float, float, float]] = (
@@ -72,7 +72,8 @@ class CascadeROIHeads(StandardROIHeads):
             raise ValueError("cascade mask_mode 'per_stage' needs one mask head per stage")
         kwargs["box_weights"] = tuple(stage_box_weights[0])
         kwargs["fg_iou"] = kwargs["bg_iou"] = stage_ious[0]
-        super().__init__(box_pooler, box_heads[0], box_predictors[0], num_classes, mask_pooler, mask_head, **kwargs)
+        super().__init__(box_pooler, box_heads[0], box_predictors[0], num_classes=num_classes, mask_pooler=mask_pooler,
+                         mask_head=mask_head, **kwargs)
         # one module per stage under the standard heads' names: roi_heads.box_head.{k} (detectron2's layout)
         self.box_head = nn.ModuleList(box_heads)
         self.box_predictor = nn.ModuleList(box_predictors)

@@ -64,7 +64,7 @@ class StandardROIHeads(nn.Module):
             labelled keypoints weigh less.
     """
 
-    def __init__(self, box_pooler: MultiLevelRoIPooler, box_head: nn.Module, box_predictor: FastRCNNPredictor,
+    def __init__(self, box_pooler: MultiLevelRoIPooler, box_head: nn.Module, box_predictor: FastRCNNPredictor, *,
                  num_classes: int, mask_pooler: MultiLevelRoIPooler | None = None, mask_head: nn.Module | None = None,
                  fg_iou: float = 0.5, bg_iou: float = 0.5, batch_size_per_image: int = 512,
                  positive_fraction: float = 0.25, append_gt: bool = True,
