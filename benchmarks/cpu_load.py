@@ -25,6 +25,8 @@ from pathlib import Path
 CHILD = r"""
 import json, sys, time
 from pathlib import Path
+from maskrcnn._openmp import limit_spin_waiting
+limit_spin_waiting()  # what the command line does
 import maskrcnn
 from maskrcnn.engine.trainer import train
 out, iters, overrides = Path(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
@@ -37,15 +39,22 @@ print("TIMES", json.dumps(times))
 """
 
 
-def _busy() -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+BUSY = {
+    "loop": "while True: pass",  # one core taken
+    # another PyTorch job on all cores (its OpenMP threads compete with ours): tests, a second training
+    "torch": "import torch\na = torch.randn(384, 384)\nwhile True:\n    a @ a",
+}
 
 
-def measure(iters: int, overrides: list[str], env: dict[str, str], loaded: bool, workdir: Path) -> float:
+def _busy(kind: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", BUSY[kind]])
+
+
+def measure(iters: int, overrides: list[str], env: dict[str, str], busy_kind: str | None, workdir: Path) -> float:
     """Median seconds per iteration after the first 3 (start-up, first batches)."""
-    busy = _busy() if loaded else None
+    busy = _busy(busy_kind) if busy_kind else None
     try:
-        time.sleep(0.5 if loaded else 0)
+        time.sleep(0.5 if busy_kind else 0)
         res = subprocess.run([sys.executable, "-c", CHILD, str(workdir), str(iters), json.dumps(overrides)],
                              env={**os.environ, **env}, capture_output=True, text=True, check=True)
     finally:
@@ -62,14 +71,15 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=15)
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
+    ap.add_argument("--busy", choices=list(BUSY), default="loop", help="what the other process runs")
     args = ap.parse_args()
     env = dict(e.split("=", 1) for e in args.env)
     with tempfile.TemporaryDirectory() as tmp:
-        alone = measure(args.iters, args.overrides, env, False, Path(tmp))
-        loaded = measure(args.iters, args.overrides, env, True, Path(tmp))
+        alone = measure(args.iters, args.overrides, env, None, Path(tmp))
+        loaded = measure(args.iters, args.overrides, env, args.busy, Path(tmp))
     label = " ".join(args.env + args.overrides) or "defaults"
-    print(f"{label}: alone {alone:.3f} s/it, one core busy {loaded:.3f} s/it, slowdown {loaded / alone:.1f}x "
-          f"({os.cpu_count()} CPUs)")
+    print(f"{label}: alone {alone:.3f} s/it, beside a busy '{args.busy}' process {loaded:.3f} s/it, slowdown "
+          f"{loaded / alone:.1f}x ({os.cpu_count()} CPUs)")
 
 
 if __name__ == "__main__":

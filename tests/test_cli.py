@@ -1,6 +1,7 @@
 """The command line: help texts, train -> eval -> predict on tiny data, config errors, convert."""
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -238,3 +239,23 @@ def test_classes_option_is_documented(capsys, command):
     text = " ".join(capsys.readouterr().out.split())
     assert "--classes FILE" in text and "COCO JSON" in text and "one name per line" in text
     assert ("--allow-class-mismatch" in text) == (command == "eval")
+
+
+def test_openmp_spin_waiting_is_limited_before_torch_starts(monkeypatch):
+    """benchmarks/cpu_load.py: the CLI's default keeps demo training within ~2x beside a busy process."""
+    import os
+    import subprocess
+
+    from maskrcnn._openmp import SPINCOUNT, limit_spin_waiting
+
+    # the command line can only set the OpenMP environment if importing it does not start torch
+    probe = "import sys, maskrcnn.cli; assert 'torch' not in sys.modules, 'maskrcnn.cli imports torch'"
+    subprocess.run([sys.executable, "-c", probe], check=True)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delitem(sys.modules, "torch")
+    limit_spin_waiting()
+    assert os.environ["GOMP_SPINCOUNT"] == SPINCOUNT
+    monkeypatch.setenv("GOMP_SPINCOUNT", "5")  # the user's own setting wins
+    limit_spin_waiting()
+    assert os.environ["GOMP_SPINCOUNT"] == "5"

@@ -401,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     import traceback
     import warnings
 
+    from maskrcnn._openmp import limit_spin_waiting
+
+    limit_spin_waiting()  # before anything starts torch
     parser = _parser()
     args = parser.parse_args(argv)
     commands = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "demo": _cmd_demo,
