@@ -20,7 +20,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-STYLES = ("torchvision", "detectron2")
+from maskrcnn.config.choices import ANCHOR_STYLES
+
+STYLES = ANCHOR_STYLES
 
 
 def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float], style: str) -> Tensor:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-NORMS = ("", "FrozenBN", "BN", "SyncBN", "GN")
+from maskrcnn.config.choices import NORMS
+
 
 
 class FrozenBatchNorm2d(nn.Module):

@@ -17,9 +17,9 @@ from torch.nn import functional as F
 
 from maskrcnn._checks import Checks
 from maskrcnn._seeding import derive_seed
+from maskrcnn.config.choices import RESIZE_STYLES
 from maskrcnn.structures.masks import PolygonMasks, paste_masks_in_image
 
-RESIZE_STYLES = ("torchvision", "detectron2")
 
 
 def resized_size(h: int, w: int, min_size: int, max_size: int, style: str) -> tuple[int, int, float]:

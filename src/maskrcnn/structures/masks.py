@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from maskrcnn.config.choices import PASTE_STYLES
 from maskrcnn.structures.precision import full_precision, geometry_dtype
 
-PASTE_STYLES = ("torchvision", "detectron2")
 
 
 def decode_rle(rles: Sequence[dict], height: int, width: int) -> Tensor:

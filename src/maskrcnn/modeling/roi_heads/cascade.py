@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from maskrcnn.config.choices import CASCADE_MASK_MODES
 from maskrcnn.modeling.matching import Matcher
 from maskrcnn.modeling.roi_heads.box_head import detections_from_predictions
 from maskrcnn.modeling.roi_heads.mask_head import mask_probabilities
@@ -33,7 +34,7 @@ from maskrcnn.modeling.roi_heads.standard import StandardROIHeads
 from maskrcnn.structures.boxes import BoxCoder, clip_boxes_to_image, nonempty
 from maskrcnn.structures.precision import to_geometry
 
-MASK_MODES = ("last", "per_stage")
+MASK_MODES = CASCADE_MASK_MODES
 
 
 def scale_gradient(x: Tensor, scale: float) -> Tensor:
