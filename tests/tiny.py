@@ -91,3 +91,15 @@ def random_scene(h: int, w: int, seed: int) -> torch.Tensor:
         img[:, y0:y0 + int(torch.randint(20, h // 3, (), generator=g)), x0:x0 + int(torch.randint(20, w // 3, (), generator=g))] = \
             torch.rand(3, 1, 1, generator=g, dtype=torch.float64)
     return img.clamp(0, 1)
+
+
+def uncompressed_rle(mask: np.ndarray) -> dict:
+    """COCO's uncompressed RLE (crowd annotations): run lengths over the column-major pixels, starting
+    with a run of 0s."""
+    flat, runs, cur, n = mask.flatten(order="F"), [], 0, 0
+    for v in flat:
+        if v != cur:
+            runs.append(n)
+            cur, n = v, 0
+        n += 1
+    return {"size": list(mask.shape), "counts": runs + [n]}

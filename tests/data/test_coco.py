@@ -11,6 +11,7 @@ from pycocotools import mask as mask_utils
 
 from maskrcnn.data.coco import ClassMap, CocoDataset, DatasetError, polygon_self_intersects
 from maskrcnn.data.transforms import hflip
+from tiny import uncompressed_rle
 from maskrcnn.structures.masks import PolygonMasks
 
 
@@ -22,13 +23,7 @@ def _rle(mask, compressed=True):
     enc = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     if compressed:
         return {"size": [int(v) for v in enc["size"]], "counts": enc["counts"].decode("ascii")}
-    flat, runs, cur, n = mask.flatten(order="F"), [], 0, 0
-    for v in flat:
-        if v != cur:
-            runs.append(n)
-            cur, n = v, 0
-        n += 1
-    return {"size": list(mask.shape), "counts": runs + [n]}
+    return uncompressed_rle(mask)
 
 
 @pytest.fixture

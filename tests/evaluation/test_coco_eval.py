@@ -13,6 +13,7 @@ from pycocotools.cocoeval import COCOeval
 
 from maskrcnn.data.coco import ClassMap
 from maskrcnn.evaluation.coco_eval import SUMMARY, COCOEvaluator
+from tiny import uncompressed_rle
 
 
 @pytest.fixture
@@ -98,21 +99,10 @@ def test_results_files_hold_only_the_predictions(gt, tmp_path):
 
 # -- crowd regions: a detection matched to one is neither a true nor a false positive ------------------
 
-def _uncompressed_rle(mask):
-    """COCO's crowd format: run lengths over the column-major pixels, starting with a run of 0s."""
-    flat, runs, cur, n = mask.flatten(order="F"), [], False, 0
-    for v in flat:
-        if v != cur:
-            runs.append(n)
-            cur, n = v, 0
-        n += 1
-    return {"size": list(mask.shape), "counts": runs + [n]}
-
-
 @pytest.fixture(params=["rle", "polygon"])
 def crowd_gt(request, tmp_path):
     """One 100x100 image: a cat at [10, 10, 50, 50] (XYXY) and a crowd of cats at [60, 10, 90, 90]."""
-    crowd = (_uncompressed_rle(_box_mask(60, 10, 90, 90)) if request.param == "rle"
+    crowd = (uncompressed_rle(_box_mask(60, 10, 90, 90)) if request.param == "rle"
              else [[60, 10, 90, 10, 90, 90, 60, 90]])
     data = {"images": [{"id": 1, "file_name": "1.png", "height": 100, "width": 100}],
             "categories": [{"id": 5, "name": "cat"}],
