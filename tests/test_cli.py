@@ -259,3 +259,13 @@ def test_openmp_spin_waiting_is_limited_before_torch_starts(monkeypatch):
     monkeypatch.setenv("GOMP_SPINCOUNT", "5")  # the user's own setting wins
     limit_spin_waiting()
     assert os.environ["GOMP_SPINCOUNT"] == "5"
+
+
+def test_errors_raised_in_data_loader_workers_are_one_line():
+    from maskrcnn.cli import one_line
+
+    # how torch re-raises an exception from a DataLoader worker: its message carries the worker's traceback
+    wrapped = ValueError("Caught BadImageError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                         "last):\n  File \"worker.py\", line 374, in _worker_loop\n    data = fetcher.fetch(index)\n"
+                         "maskrcnn.data.transforms.BadImageError: cannot decode image a.png: OSError: truncated\n")
+    assert one_line(wrapped) == "cannot decode image a.png: OSError: truncated"

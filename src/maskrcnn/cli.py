@@ -88,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="inference overrides, e.g. --set model.roi_heads.score_thresh=0.01")
     e.add_argument("--device", default="auto")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar (none either when not on a terminal)")
     e.add_argument("--classes", metavar="FILE", help=CLASSES_HELP + "; replaces the checkpoint's class map")
     e.add_argument("--allow-class-mismatch", action="store_true",
                    help="evaluate even when the dataset's categories name other classes than the checkpoint's "
@@ -277,7 +278,7 @@ def _cmd_eval(args) -> int:
         dataset = CocoDataset(json_path, images, class_map=pred.class_map, on_bad_sample=pred.cfg.data.on_bad_sample,
                               keypoint_convention=pred.cfg.model.keypoint_head.pixel_convention)
         metrics = evaluate_model(pred.model, dataset, args.output, info.rank, info.world_size,
-                                 oks_sigmas=pred.cfg.model.keypoint_head.oks_sigmas)
+                                 progress=not args.no_progress, oks_sigmas=pred.cfg.model.keypoint_head.oks_sigmas)
         if info.main:
             print(format_metrics(metrics))
             print(f"results: {Path(args.output).resolve()}")
@@ -390,6 +391,9 @@ def one_line(e: BaseException) -> str:
         text = f"{e.filename}: {e.strerror}"
     else:  # a KeyError's str() is the repr of its message
         text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    if "Original Traceback" in text:  # raised in a DataLoader worker: the original error's own line
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last and "Error" in last.split(": ", 1)[0] else last
     joined = ""
     for line in filter(None, (raw.strip() for raw in text.splitlines())):
         joined += ("" if not joined else " " if joined.endswith(":") else "; ") + line

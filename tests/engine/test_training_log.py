@@ -88,9 +88,17 @@ def test_without_a_terminal_training_prints_log_lines(tmp_path, monkeypatch, cap
 
 def test_on_a_terminal_the_bar_replaces_the_lines(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     train(tiny_train_config(tmp_path, ["solver.max_iter=2", "train.checkpoint_period=0"]), progress=True)
     captured = capsys.readouterr()
     assert _lines(captured.out) == [] and "training" in captured.err and "loss=" in captured.err
+
+
+def test_with_stdout_in_a_file_the_lines_go_there(tmp_path, monkeypatch, capsys):
+    """`maskrcnn train > log` on a terminal: the log gets the lines, not the bar."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    train(tiny_train_config(tmp_path, ["solver.max_iter=2", "train.checkpoint_period=0"]), progress=True)
+    assert [(line["iteration"], line["max_iter"]) for line in _lines(capsys.readouterr().out)] == [(1, 2), (2, 2)]
 
 
 def test_training_steps_do_not_wait_for_the_device(tmp_path, monkeypatch):

@@ -140,3 +140,26 @@ def test_eval_under_torchrun_shards_the_images_and_prints_once(checkpoint, tmp_p
     assert _results(tmp_path / "two") == _results(tmp_path / "one")
     assert proc.stdout.count("bbox: AP") == 1 and "images: 4 evaluated" in proc.stdout
     assert _table(proc.stdout) == _table(one)
+
+
+def test_a_file_without_annotations_is_an_error_not_ap_minus_100(val_set, checkpoint, tmp_path, capsys):
+    data = json.loads((val_set / "val.json").read_text())
+    for name, annotations in (("missing", None), ("empty", [])):
+        path = val_set / f"no_annotations_{name}.json"
+        path.write_text(json.dumps({k: v for k, v in data.items() if k != "annotations"}
+                                   | ({"annotations": annotations} if annotations is not None else {})))
+        dataset = CocoDataset(path, val_set)  # a test split is still a dataset (predict uses them)
+        with pytest.raises(DatasetError, match="no annotations to score against"):
+            evaluate_model(BoxPerSize({}), dataset, progress=False)
+        code = main(EVAL + ["-w", str(checkpoint), "--dataset", str(path), "--images", str(val_set),
+                            "--output", str(tmp_path / name), "--allow-class-mismatch"])
+        err = capsys.readouterr().err
+        assert code == 1 and "no annotations to score against" in err and "AP" not in err
+
+
+def test_the_evaluation_bar_stays_out_of_logs(val_set, capsys):
+    dataset = CocoDataset(val_set / "val.json", val_set)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        evaluate_model(BoxPerSize({(h, w): box for _, _, h, w, box in IMAGES}), dataset, progress=True)  # not a tty
+    assert "evaluating" not in capsys.readouterr().err

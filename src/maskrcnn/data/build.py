@@ -46,5 +46,7 @@ def build_val_dataset(cfg: Config, paths: dict, class_map: ClassMap) -> CocoData
     if "val" not in paths:
         return None
     d = cfg.data
-    return CocoDataset(*paths["val"], class_map=class_map, train=False, on_bad_sample=d.on_bad_sample,
-                       mask_format=d.mask_format, keypoint_convention=cfg.model.keypoint_head.pixel_convention)
+    val = CocoDataset(*paths["val"], class_map=class_map, train=False, on_bad_sample=d.on_bad_sample,
+                      mask_format=d.mask_format, keypoint_convention=cfg.model.keypoint_head.pixel_convention)
+    val.require_ground_truth()  # before training, not after it
+    return val

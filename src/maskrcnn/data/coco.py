@@ -129,6 +129,7 @@ class CocoDataset(Dataset):
         self.flip_prob, self.flip_map = flip_prob, flip_map
         self.report: list[str] = []
         data = self._read_json()
+        self.num_annotations = len(data.get("annotations") or [])
         if train and not data.get("annotations"):
             raise DatasetError(f"{self.json_path}: no annotations ('annotations' is missing or empty): a training "
                                f"set has nothing to learn from without them")
@@ -319,6 +320,12 @@ class CocoDataset(Dataset):
         return rings
 
     # -- access --------------------------------------------------------------------------------------
+    def require_ground_truth(self) -> None:
+        """Evaluation scores against the annotations: a file without any would print AP -100 for nothing."""
+        if not self.num_annotations:
+            raise DatasetError(f"{self.json_path}: no annotations to score against ('annotations' is missing or "
+                               f"empty); `maskrcnn predict` runs a model on images without ground truth")
+
     def __len__(self) -> int:
         return len(self.records)
 

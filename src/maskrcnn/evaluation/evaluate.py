@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ def evaluate_model(model: nn.Module, dataset: CocoDataset, output_dir: str | Pat
     """COCO bbox/segm/keypoints metrics of ``model`` on ``dataset`` (returned on rank 0; results JSON in
     ``output_dir``); ``oks_sigmas`` for keypoint datasets other than COCO person. Unreadable images
     are warned about, counted in ``metrics["images"]`` and left out of the scoring."""
+    dataset.require_ground_truth()
     net = model.module if hasattr(model, "module") else model
     types = ["bbox"] + (["segm"] if net.roi_heads.mask_on else []) + (["keypoints"] if net.roi_heads.num_keypoints else [])
     evaluator = COCOEvaluator(dataset.json_path, dataset.class_map, types, output_dir, oks_sigmas,
@@ -39,7 +41,7 @@ def evaluate_model(model: nn.Module, dataset: CocoDataset, output_dir: str | Pat
     net.eval()
     loader = inference_loader(dataset, rank, world_size, limit=limit)
     with torch.no_grad():
-        for images, targets in tqdm(loader, desc="evaluating", disable=not progress or rank != 0, leave=False):
+        for images, targets in tqdm(loader, desc="evaluating", disable=not progress or rank != 0 or not sys.stderr.isatty(), leave=False):
             for t in targets:
                 if "skipped" in t:
                     warnings.warn(f"{dataset.json_path}: image {t['image_id']} left out of the evaluation: "
