@@ -122,6 +122,12 @@ def test_steps_beyond_max_iter_are_a_warning():
 
 def test_numbers_in_exponent_notation_are_numbers():
     assert get_config("mask_rcnn_R_50_FPN", ["solver.base_lr=1e-3"]).solver.base_lr == 0.001
+    cfg = get_config("mask_rcnn_R_50_FPN", ["solver.max_iter=2e3", "solver.steps=[1e3, 1.5e3]"])
+    assert (cfg.solver.max_iter, cfg.solver.steps) == (2000, (1000, 1500))
+    with pytest.raises(ConfigError, match="must be an integer, got 2.5"):
+        get_config("mask_rcnn_R_50_FPN", ["solver.max_iter=2.5"])
+    with pytest.raises(ConfigError, match="must be a string, got None .an empty string is written ''"):
+        get_config("mask_rcnn_R_50_FPN", ["data.val_json="])
     with pytest.raises(ConfigError, match="must be a number"):
         get_config("mask_rcnn_R_50_FPN", ["solver.base_lr=fast"])
 

@@ -47,6 +47,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
         return value
     if tp is int:
+        if isinstance(value, (str, float)) and not isinstance(value, bool):  # 1e3 (YAML: a string), 1000.0
+            try:
+                as_float = float(value)
+            except ValueError:
+                as_float = float("nan")
+            if as_float.is_integer():
+                value = int(as_float)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
         return value
@@ -61,7 +68,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+            hint = " (an empty string is written '')" if value is None else ""
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}{hint}")
         return value
     raise ConfigError(f"config key '{key}': unsupported type {tp}")
 
