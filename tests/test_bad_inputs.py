@@ -196,6 +196,17 @@ def test_bad_annotations_are_skipped_and_reported_by_default(data, fields, repor
     assert [r for r in dataset.report if reported in r] and len(dataset) == 2
 
 
+def test_eval_writes_the_skipped_samples_to_its_output_folder(data, tmp_path, capsys):
+    d = _coco()
+    d["annotations"][0].update({"category_id": 99})
+    (data / "skip_eval.json").write_text(json.dumps(d))
+    code, err = run(["eval", "-w", str(data / "tiny.pth"), "--dataset", str(data / "skip_eval.json"), "--output",
+                     str(tmp_path / "eval"), "--allow-class-mismatch"], capsys)
+    assert code == 0 and "skipped_samples.txt" in err
+    listed = (tmp_path / "eval" / "skipped_samples.txt").read_text().splitlines()
+    assert listed == [f"{data / 'skip_eval.json'}: annotation 10: unknown category_id 99"]
+
+
 # -- configs: all fail in `get_config`, before anything is read or written ---------------------------------
 CONFIG_CASES = [
     ("solver.max_itr=3", "unknown config key 'solver.max_itr' (did you mean 'solver.max_iter'?)"),

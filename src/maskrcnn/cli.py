@@ -251,7 +251,7 @@ def _cmd_eval(args) -> int:
     import torch.distributed as dist
 
     from maskrcnn.data.build import dataset_paths
-    from maskrcnn.data.coco import CocoDataset
+    from maskrcnn.data.coco import CocoDataset, write_skipped
     from maskrcnn.evaluation.evaluate import evaluate_model
     from maskrcnn.engine.predictor import Predictor
     from maskrcnn.engine.trainer import DistInfo, init_distributed, select_device
@@ -277,6 +277,9 @@ def _cmd_eval(args) -> int:
         _check_eval_classes(pred.class_map, Path(json_path), args.allow_class_mismatch)
         dataset = CocoDataset(json_path, images, class_map=pred.class_map, on_bad_sample=pred.cfg.data.on_bad_sample,
                               keypoint_convention=pred.cfg.model.keypoint_head.pixel_convention)
+        if info.main:
+            Path(args.output).mkdir(parents=True, exist_ok=True)
+            write_skipped([dataset], Path(args.output))
         metrics = evaluate_model(pred.model, dataset, args.output, info.rank, info.world_size,
                                  progress=not args.no_progress, oks_sigmas=pred.cfg.model.keypoint_head.oks_sigmas)
         if info.main:

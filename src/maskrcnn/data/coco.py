@@ -44,6 +44,17 @@ def keypoint_offset(convention: str) -> float:
     return KEYPOINT_OFFSETS[convention]
 
 
+# the list of skipped annotations/images that train and eval leave in their output folder
+SKIPPED_FILE = "skipped_samples.txt"
+
+
+def write_skipped(datasets: Sequence[CocoDataset | None], out_dir: Path) -> None:
+    """One line per skipped annotation/image of ``datasets`` (prefixed by its file) in ``out_dir``; none if none."""
+    lines = [f"{d.json_path}: {r}" for d in datasets if d is not None for r in d.report]
+    if lines:
+        (Path(out_dir) / SKIPPED_FILE).write_text("\n".join(lines) + "\n")
+
+
 class DatasetError(ValueError):
     """A dataset that cannot be used, with the reason."""
 
@@ -157,7 +168,8 @@ class CocoDataset(Dataset):
                                + (f" ({len(self.report)} problems: {self.report[:3]})" if self.report else ""))
         if self.report:
             warnings.warn(f"{self.json_path}: skipped {len(self.report)} bad annotations/images, e.g. "
-                          f"{self.report[:3]} (see dataset.report)", stacklevel=2)
+                          f"{self.report[:3]} (all of them: dataset.report; train and eval write {SKIPPED_FILE} to their "
+                          f"output folder)", stacklevel=2)
 
     # -- reading -------------------------------------------------------------------------------------
     def _read_json(self) -> dict:

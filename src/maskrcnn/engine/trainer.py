@@ -35,7 +35,7 @@ from tqdm import tqdm
 from maskrcnn._seeding import derive_seed
 from maskrcnn.config import Config
 from maskrcnn.data.build import build_train_dataset, build_val_dataset, dataset_paths
-from maskrcnn.data.coco import ClassMap
+from maskrcnn.data.coco import ClassMap, write_skipped
 from maskrcnn.data.loader import training_loader
 from maskrcnn.engine.checkpoint import last_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from maskrcnn.evaluation.evaluate import evaluate_model
@@ -308,6 +308,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
     val_set = build_val_dataset(cfg, paths, class_map)
     if info.main:
         (out_dir / "config.yaml").write_text(cfg.to_yaml())
+        write_skipped([train_set, val_set], out_dir)
 
     torch.manual_seed(derive_seed(cfg.train.seed))
     model = _sync_bn_for(build_model(cfg), info).to(device)
