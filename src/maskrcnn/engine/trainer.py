@@ -361,8 +361,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
         return metrics
 
     last_good = str(ckpt) if ckpt else None
-    # a bar only where someone watches it: in a file (CI, batch jobs) it is one line rewritten in place
-    # the bar only when both streams are a terminal: `train > log` must still get the log lines
+    # a bar only where someone watches it (in a file it is one line rewritten in place), and only when
+    # both streams are a terminal: `train > log` must still get the log lines
     use_bar = progress and sys.stderr.isatty() and sys.stdout.isatty()
     bar = tqdm(total=cfg.solver.max_iter, initial=start_iter, desc="training", disable=not (use_bar and info.main),
                dynamic_ncols=True)

@@ -41,7 +41,8 @@ def evaluate_model(model: nn.Module, dataset: CocoDataset, output_dir: str | Pat
     net.eval()
     loader = inference_loader(dataset, rank, world_size, limit=limit)
     with torch.no_grad():
-        for images, targets in tqdm(loader, desc="evaluating", disable=not progress or rank != 0 or not sys.stderr.isatty(), leave=False):
+        no_bar = not progress or rank != 0 or not sys.stderr.isatty()  # none in log files
+        for images, targets in tqdm(loader, desc="evaluating", disable=no_bar, leave=False):
             for t in targets:
                 if "skipped" in t:
                     warnings.warn(f"{dataset.json_path}: image {t['image_id']} left out of the evaluation: "

@@ -22,8 +22,6 @@ from torch import Tensor, nn
 
 from maskrcnn.config.choices import ANCHOR_STYLES
 
-STYLES = ANCHOR_STYLES
-
 
 def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float], style: str) -> Tensor:
     """``(A, 4)`` anchors centred at 0 for one level; ratio = height / width."""
@@ -43,7 +41,7 @@ def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float], style: 
                 h = ratio * w
                 out.append([-w / 2.0, -h / 2.0, w / 2.0, h / 2.0])
         return torch.tensor(out, dtype=torch.float32)
-    raise ValueError(f"anchor style must be one of {STYLES}, got {style!r}")
+    raise ValueError(f"anchor style must be one of {ANCHOR_STYLES}, got {style!r}")
 
 
 class AnchorGenerator(nn.Module):
@@ -65,8 +63,8 @@ class AnchorGenerator(nn.Module):
         if not (len(sizes) == len(aspect_ratios) == len(strides)):
             raise ValueError(f"anchor sizes ({len(sizes)} levels), aspect ratios ({len(aspect_ratios)}) and strides "
                              f"({len(strides)}) must describe the same number of levels")
-        if style not in STYLES:
-            raise ValueError(f"anchor style must be one of {STYLES}, got {style!r}")
+        if style not in ANCHOR_STYLES:
+            raise ValueError(f"anchor style must be one of {ANCHOR_STYLES}, got {style!r}")
         self.style = style
         self.offset = float(offset)
         self.strides = tuple(int(s) for s in strides)

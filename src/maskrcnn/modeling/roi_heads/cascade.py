@@ -34,8 +34,6 @@ from maskrcnn.modeling.roi_heads.standard import StandardROIHeads
 from maskrcnn.structures.boxes import BoxCoder, clip_boxes_to_image, nonempty
 from maskrcnn.structures.precision import to_geometry
 
-MASK_MODES = CASCADE_MASK_MODES
-
 
 def scale_gradient(x: Tensor, scale: float) -> Tensor:
     """Identity forward; the backward gradient multiplied by ``scale``."""
@@ -67,8 +65,8 @@ class CascadeROIHeads(StandardROIHeads):
             raise ValueError(f"cascade: {n} box heads, {len(box_predictors)} predictors, {len(stage_ious)} IoUs, "
                              f"{len(stage_box_weights)} box weights and {len(stage_loss_weights)} loss weights: "
                              "need one of each per stage")
-        if mask_mode not in MASK_MODES:
-            raise ValueError(f"cascade mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+        if mask_mode not in CASCADE_MASK_MODES:
+            raise ValueError(f"cascade mask_mode must be one of {CASCADE_MASK_MODES}, got {mask_mode!r}")
         if mask_mode == "per_stage" and mask_head is not None and len(mask_head) != n:  # type: ignore[arg-type]
             raise ValueError("cascade mask_mode 'per_stage' needs one mask head per stage")
         kwargs["box_weights"] = tuple(stage_box_weights[0])
