@@ -90,26 +90,37 @@ def heatmaps_to_keypoints(maps: Tensor, rois: Tensor, score: str = "logit", max_
     ``M x M`` bins (detectron2). RoIs are decoded in batches (separable resize as two matmuls) of
     at most ``max_elements`` upsampled values, with one host sync for the largest RoI size.
     """
-    r, k, m = maps.shape[0], maps.shape[1], maps.shape[-1]
+    r, k = maps.shape[0], maps.shape[1]
     if score not in ("logit", "softmax"):
         raise ValueError(f"score must be 'logit' or 'softmax', got {score!r}")
     if r == 0:
         return maps.new_zeros((0, k, 3)), maps.new_zeros((0, k))
     maps = to_geometry(maps)
     rois = rois.to(maps.dtype)
+    wc = (rois[:, 2] - rois[:, 0]).clamp(min=1).ceil()
+    hc = (rois[:, 3] - rois[:, 1]).clamp(min=1).ceil()
+    max_w, max_h = (int(v) for v in torch.stack([wc.max(), hc.max()]).tolist())
+    return decode_heatmaps(maps, rois, score, max_h, max_w, max(1, max_elements // (k * max_h * max_w)))
+
+
+def decode_heatmaps(maps: Tensor, rois: Tensor, score: str, max_h: int, max_w: int, step: int | None = None
+                    ) -> tuple[Tensor, Tensor]:
+    """:func:`heatmaps_to_keypoints` given the largest rounded-up RoI height and width, with no host
+    read: ``step`` RoIs at a time, or all at once (``None``, as an exported graph does)."""
+    r, k, m = maps.shape[0], maps.shape[1], maps.shape[-1]
+    maps = to_geometry(maps)
+    rois = rois.to(maps.dtype)
     widths = (rois[:, 2] - rois[:, 0]).clamp(min=1)
     heights = (rois[:, 3] - rois[:, 1]).clamp(min=1)
     wc, hc = widths.ceil(), heights.ceil()
-    max_w, max_h = (int(v) for v in torch.stack([wc.max(), hc.max()]).tolist())
     ay, ax = _bicubic_matrix(m, hc, max_h), _bicubic_matrix(m, wc, max_w)
     inside = ((torch.arange(max_h, device=maps.device) < hc[:, None])[:, :, None]
               & (torch.arange(max_w, device=maps.device) < wc[:, None])[:, None, :])  # (R, H, W)
     peak_val, peak_pos = [], []
-    step = max(1, max_elements // (k * max_h * max_w))
-    for s in range(0, r, step):
+    for sl in [slice(None)] if step is None else [slice(s, s + step) for s in range(0, r, step)]:
         with full_precision(maps.device):
-            up = torch.einsum("rhm,rkmn,rwn->rkhw", ay[s:s + step], maps[s:s + step], ax[s:s + step])
-        up = up.masked_fill(~inside[s:s + step, None], float("-inf"))
+            up = torch.einsum("rhm,rkmn,rwn->rkhw", ay[sl], maps[sl], ax[sl])
+        up = up.masked_fill(~inside[sl, None], float("-inf"))
         v, p = up.flatten(2).max(dim=2)
         peak_val.append(v)
         peak_pos.append(p)

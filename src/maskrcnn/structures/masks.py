@@ -179,20 +179,10 @@ def _detectron2_weights(lo: Tensor, hi: Tensor, length_px: int, cells: int, dtyp
     return w[..., 1:-1]
 
 
-def paste_masks_in_image(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], style: str = "torchvision",
-                         threshold: float | None = 0.5, chunk_pixels: int = 1 << 24) -> Tensor:
-    """Paste ``masks: (N, M, M)`` probabilities into their ``boxes: (N, 4)`` of an image of ``(H, W)``.
-
-    Returns ``(N, H, W)``: bool (``mask >= threshold``) or, with ``threshold=None``, probabilities.
-    """
-    if style not in PASTE_STYLES:
-        raise ValueError(f"paste style must be one of {PASTE_STYLES}, got {style!r}")
-    h, w = int(image_size[0]), int(image_size[1])
-    n, m = masks.shape[0], masks.shape[-1]
-    out_dtype = torch.bool if threshold is not None else masks.dtype
-    out = torch.zeros((n, h, w), dtype=out_dtype, device=masks.device)
-    if n == 0 or h == 0 or w == 0:
-        return out
+def paste_weights(masks: Tensor, boxes: Tensor, height: int, width: int, style: str) -> tuple[Tensor, Tensor, Tensor]:
+    """The separable paste of ``masks: (N, M, M)`` into ``boxes: (N, 4)``: ``(ry (N, H, C), rx (N, W, C),
+    masks (N, C, C))`` with ``pasted = ry @ masks @ rx^T`` (C = M, or M + 2 with torchvision's border)."""
+    m = masks.shape[-1]
     dtype = geometry_dtype(masks.dtype)
     masks, boxes = masks.to(dtype), boxes.to(dtype)
     if style == "torchvision":
@@ -207,12 +197,28 @@ def paste_masks_in_image(masks: Tensor, boxes: Tensor, image_size: tuple[int, in
         lo_x, lo_y, hi_x, hi_y = boxes.unbind(1)
         weights = _detectron2_weights
     cells = masks.shape[-1]
+    return weights(lo_y, hi_y, height, cells, dtype), weights(lo_x, hi_x, width, cells, dtype), masks
+
+
+def paste_masks_in_image(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], style: str = "torchvision",
+                         threshold: float | None = 0.5, chunk_pixels: int = 1 << 24) -> Tensor:
+    """Paste ``masks: (N, M, M)`` probabilities into their ``boxes: (N, 4)`` of an image of ``(H, W)``.
+
+    Returns ``(N, H, W)``: bool (``mask >= threshold``) or, with ``threshold=None``, probabilities.
+    """
+    if style not in PASTE_STYLES:
+        raise ValueError(f"paste style must be one of {PASTE_STYLES}, got {style!r}")
+    h, w = int(image_size[0]), int(image_size[1])
+    n = masks.shape[0]
+    out_dtype = torch.bool if threshold is not None else masks.dtype
+    out = torch.zeros((n, h, w), dtype=out_dtype, device=masks.device)
+    if n == 0 or h == 0 or w == 0:
+        return out
     step = max(1, chunk_pixels // (h * w))
     for k0 in range(0, n, step):
         sl = slice(k0, k0 + step)
-        ry = weights(lo_y[sl], hi_y[sl], h, cells, dtype)  # (k, H, cells)
-        rx = weights(lo_x[sl], hi_x[sl], w, cells, dtype)  # (k, W, cells)
+        ry, rx, chunk = paste_weights(masks[sl], boxes[sl], h, w, style)  # (k, H, C), (k, W, C), (k, C, C)
         with full_precision(masks.device):
-            pasted = torch.bmm(ry, torch.bmm(masks[sl], rx.transpose(1, 2)))
+            pasted = torch.bmm(ry, torch.bmm(chunk, rx.transpose(1, 2)))
         out[sl] = pasted >= threshold if threshold is not None else pasted
     return out
