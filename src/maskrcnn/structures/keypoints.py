@@ -121,11 +121,14 @@ def decode_heatmaps(maps: Tensor, rois: Tensor, score: str, max_h: int, max_w: i
         with full_precision(maps.device):
             up = torch.einsum("rhm,rkmn,rwn->rkhw", ay[sl], maps[sl], ax[sl])
         up = up.masked_fill(~inside[sl, None], float("-inf"))
-        v, p = up.flatten(2).max(dim=2)
+        # the first maximum in row-major order, found row by row (no index arithmetic on the
+        # symbolic map width of an exported graph)
+        row_val, row_x = up.max(dim=3)
+        v, y = row_val.max(dim=2)
         peak_val.append(v)
-        peak_pos.append(p)
+        peak_pos.append(torch.stack([row_x.gather(2, y[..., None])[..., 0], y], -1))
     val, pos = torch.cat(peak_val), torch.cat(peak_pos)
-    x_int, y_int = pos % max_w, pos // max_w
+    x_int, y_int = pos[..., 0], pos[..., 1]
     x = (x_int.to(maps.dtype) + 0.5) * (widths / wc)[:, None] + rois[:, 0, None]
     y = (y_int.to(maps.dtype) + 0.5) * (heights / hc)[:, None] + rois[:, 1, None]
     keypoints = torch.stack([x, y, torch.ones_like(x)], dim=-1)

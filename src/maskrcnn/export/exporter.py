@@ -1,0 +1,134 @@
+"""``export_model``: a detector to an ONNX file or a ``torch.export`` ExportedProgram (``.pt2``).
+
+Both hold the whole ``DeployableDetector`` graph (``graph.py``): any batch size, any image size,
+preprocessing and postprocessing included, with the class names, category ids and output layout
+stored next to the graph (ONNX metadata ``maskrcnn``; the ``.pt2``'s extra file ``maskrcnn.json``),
+so that a runtime needs nothing else.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from maskrcnn.export.graph import DeployableDetector, UnsupportedExport
+from maskrcnn.modeling.detector import MaskRCNN
+
+FORMATS = ("onnx", "exported-program")
+EXPORT_EXTRA = "pip install 'maskrcnn[export]'"
+METADATA_KEY = "maskrcnn"
+FORMAT_VERSION = 1
+
+
+def require(module: str, purpose: str):
+    """Import an optional dependency or say which pip line installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"{purpose} needs the '{module}' package, which is not installed: {EXPORT_EXTRA}") from e
+
+
+def _example_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two images of different sizes: a batch of 1 or a size that divides evenly would let the
+    exporter specialise on it."""
+    images = torch.zeros((2, 97, 131, 3), dtype=torch.uint8)
+    images[:, 20:60, 30:90] = 200
+    return images, torch.tensor([[97, 131], [83, 70]])
+
+
+def export_program(model: MaskRCNN, masks: str = "pasted") -> torch.export.ExportedProgram:
+    """The ``DeployableDetector`` of ``model`` recorded by ``torch.export`` with dynamic batch and size."""
+    from torch.export import Dim
+
+    if model.dtype != torch.float32:
+        model = copy.deepcopy(model).float()
+    graph = DeployableDetector(model, masks).eval()
+    batch, height, width = Dim("batch", min=1, max=1024), Dim("height", min=1, max=32768), Dim("width", min=1, max=32768)
+    with torch.no_grad():
+        return torch.export.export(graph, _example_inputs(), strict=False,
+                                   dynamic_shapes=({0: batch, 1: height, 2: width}, {0: batch}))
+
+
+def check_output_path(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--output {path} is a folder; give the file to write, e.g. {path / 'model.onnx'}")
+    if not path.parent.exists():
+        raise ValueError(f"--output {path}: the folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise ValueError(f"--output {path}: the folder {path.parent} is not writable")
+    return path
+
+
+def export_model(model: MaskRCNN, path: str | Path, format: str = "onnx", masks: str = "pasted",
+                 metadata: dict | None = None) -> Path:
+    """Write ``model`` (eval mode is used) to ``path`` as ``format`` (``FORMATS``); returns the path.
+
+    ``metadata`` (class names, category ids, ...) is stored with the graph. The file is written
+    atomically: an interrupted export leaves no partial file.
+    """
+    if format not in FORMATS:
+        raise UnsupportedExport(f"export format must be one of {', '.join(FORMATS)}, got {format!r}")
+    path = check_output_path(path)
+    if format == "onnx":
+        require("onnxscript", "ONNX export")
+        require("onnx", "ONNX export")
+    was_training = model.training
+    model.eval()
+    try:
+        program = export_program(model, masks)
+    finally:
+        model.train(was_training)
+    return save_program(program, path, format, graph_metadata(model, masks, metadata))
+
+
+def graph_metadata(model: MaskRCNN, masks: str, metadata: dict | None = None) -> dict:
+    """What a runtime needs besides the graph: output names and layout, and ``metadata`` (classes)."""
+    outputs = DeployableDetector(model, masks).output_names
+    return dict(metadata or {}, format_version=FORMAT_VERSION, inputs=["images", "image_sizes"], outputs=outputs,
+                masks=masks if "masks" in outputs or "mask_probs" in outputs else None,
+                paste_style=model.paste_style, mask_threshold=model.mask_threshold)
+
+
+def save_program(program: torch.export.ExportedProgram, path: str | Path, format: str, meta: dict) -> Path:
+    """Write an ``export_program`` result atomically as ``format`` with ``meta`` (``graph_metadata``)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        if format == "exported-program":
+            torch.export.save(program, tmp, extra_files={"maskrcnn.json": json.dumps(meta)})
+        else:
+            _write_onnx(program, tmp, meta["outputs"], meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _write_onnx(program: torch.export.ExportedProgram, path: str, output_names: list[str], meta: dict) -> None:
+    import logging
+
+    import onnx
+
+    from maskrcnn.export.onnx_ops import OPSET, translation_table
+
+    # the exporter warns that torchvision's ops have no translation: we use our own
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+
+    onnx_program = torch.onnx.export(program, dynamo=True, custom_translation_table=translation_table(),
+                                     opset_version=OPSET, input_names=["images", "image_sizes"],
+                                     output_names=output_names, verbose=False)
+    proto = onnx_program.model_proto
+    del proto.metadata_props[:]
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(meta)
+    onnx.save(proto, path)

@@ -1,0 +1,115 @@
+"""Exported graphs against the eager model (float32), per family and runtime, on image sizes other
+than the export's, a blank image, and a batch of two sizes.
+
+Tolerances are the issue's: identical labels, boxes within 1e-3 px (or 1e-4 relative), scores
+within 1e-4, masks equal on >= 99.9% of pixels, keypoints within 0.05 px. Each family is exported
+once per session (an export takes a minute on two cores).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from maskrcnn.config import get_config
+from maskrcnn.export.exporter import export_program, graph_metadata, save_program
+from maskrcnn.export.runtime import ExportedModel
+from maskrcnn.modeling.build import build_model
+from tests.tiny import TINY, random_scene
+
+pytest.importorskip("onnxruntime")
+
+SIZES = [(150, 200), (210, 120), (64, 64), (333, 77)]  # the export traced (97, 131) and (83, 70)
+
+C4_TINY = ["model.backbone.depth=18", "model.backbone.freeze_at=0", "model.backbone.norm=BN",
+           "model.anchors.sizes=[[16, 32, 64, 128]]", "model.rpn.pre_nms_topk_test=300",
+           "model.rpn.post_nms_topk_test=60", "model.roi_heads.num_classes=3", "model.roi_heads.detections_per_image=20",
+           "model.mask_on=false", "model.input.min_size_test=128", "model.input.max_size_test=192"]
+
+FAMILIES = {
+    # torchvision conventions (floor resize, unaligned RoIAlign, 2x2 samples), masks and keypoints together
+    "mask_keypoint": ("keypoint_rcnn_R_50_FPN", TINY + ["model.mask_on=true", "model.keypoint_head.conv_dims=[32, 32]"]),
+    # detectron2 conventions (rounded antialiased resize, aligned adaptive RoIAlign, empty boxes dropped)
+    "cascade": ("detectron2_cascade_mask_rcnn_R_50_FPN_3x", TINY),
+    "faster_c4": ("mask_rcnn_R_50_C4", C4_TINY),
+}
+
+
+def _model(name: str):
+    preset, overrides = FAMILIES[name]
+    torch.manual_seed(0)
+    model = build_model(get_config(preset, overrides)).eval()
+    with torch.no_grad():  # random weights score every class alike: favour the foreground so there are detections
+        predictors = model.roi_heads.box_predictor
+        for p in predictors if isinstance(predictors, torch.nn.ModuleList) else [predictors]:
+            p.cls_score.bias[1:] += 3.0
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """family -> (eager model, {runtime: ExportedModel})"""
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            model = _model(name)
+            program = export_program(model)
+            folder = tmp_path_factory.mktemp(name)
+            meta = graph_metadata(model, "pasted")
+            onnx_path = save_program(program, folder / "model.onnx", "onnx", meta)
+            pt2_path = save_program(program, folder / "model.pt2", "exported-program", meta)
+            cache[name] = (model, {"onnxruntime": ExportedModel(onnx_path, "onnxruntime"),
+                                   "openvino": onnx_path, "torch": ExportedModel(pt2_path, "torch")})
+        return cache[name]
+    return get
+
+
+def _images(sizes):
+    return [(random_scene(h, w, seed=i) * 255).round().to(torch.uint8) for i, (h, w) in enumerate(sizes)]
+
+
+def assert_same(eager: dict, got: dict, where: str) -> None:
+    n = eager["boxes"].shape[0]
+    assert got["boxes"].shape[0] == n, f"{where}: {got['boxes'].shape[0]} detections, eager {n}"
+    assert torch.equal(got["labels"], eager["labels"]), where
+    if n == 0:
+        return
+    tol = torch.maximum(torch.full_like(eager["boxes"], 1e-3), eager["boxes"].abs() * 1e-4)
+    assert ((got["boxes"] - eager["boxes"]).abs() <= tol).all(), f"{where}: boxes {(got['boxes'] - eager['boxes']).abs().max()}"
+    assert (got["scores"] - eager["scores"]).abs().max() <= 1e-4, where
+    if "masks" in eager:
+        assert got["masks"].shape == eager["masks"].shape, where
+        same = (got["masks"] == eager["masks"]).float().mean().item()
+        assert same >= 0.999, f"{where}: masks agree on {same:.5f} of pixels"
+    if "keypoints" in eager:
+        assert (got["keypoints"] - eager["keypoints"]).abs().max() <= 0.05, where
+        assert (got["keypoints_scores"] - eager["keypoints_scores"]).abs().max() <= 1e-4, where
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_exported_matches_eager_on_other_sizes_and_batches(exported, family):
+    model, runtimes = exported(family)
+    images = _images(SIZES)
+    with torch.no_grad():
+        eager = [model([image])[0] for image in images]  # a batch pads every image to the largest
+        eager_pair = model(images[:2])
+    assert all(e["boxes"].shape[0] > 0 for e in eager), "the test model should detect something on every image"
+    for runtime in ("onnxruntime", "torch"):
+        run = runtimes[runtime]
+        for i, image in enumerate(images):
+            assert_same(eager[i], run([image])[0], f"{family}/{runtime} image {tuple(image.shape[1:])}")
+        for i, got in enumerate(run(images[:2])):  # one batch of a wide and a tall image
+            assert_same(eager_pair[i], got, f"{family}/{runtime} batch image {i}")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_image_without_detections_gives_empty_outputs(exported, family):
+    model, runtimes = exported(family)
+    # no class scores above the threshold: the same graph, with nothing to keep
+    blank = torch.zeros((3, 90, 140), dtype=torch.uint8)
+    with torch.no_grad():
+        eager = model([blank])[0]
+    for runtime in ("onnxruntime", "torch"):
+        got = runtimes[runtime]([blank])[0]
+        assert_same(eager, got, f"{family}/{runtime} blank")
