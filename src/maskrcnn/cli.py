@@ -107,6 +107,28 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     r.add_argument("--device", default="auto")
     r.add_argument("--classes", metavar="FILE", help=CLASSES_HELP + "; replaces the checkpoint's class map")
+    r.add_argument("--runtime", choices=["torch", "onnxruntime", "openvino"],
+                   help="torch (default for checkpoints and .pt2), onnxruntime (default for .onnx) or openvino: "
+                   "--weights is then a file written by 'maskrcnn export'")
+
+    x = sub.add_parser("export", help="export a model to ONNX or a torch.export program, for any image size and batch",
+                       description="Write the whole detector (uint8 RGB images in, preprocessing, network, NMS, "
+                       "boxes in image pixels, masks and keypoints out) as one graph that takes any batch size and "
+                       "image size. Run it with 'maskrcnn predict --weights FILE', or without this package "
+                       "(README: ONNX without PyTorch).")
+    x.add_argument("--weights", "-w", required=True, help="checkpoint (from train or convert), or with --config a "
+                   "detectron2 .pkl/.pth or torchvision .pth")
+    x.add_argument("--config", "-c", metavar="PRESET_OR_YAML",
+                   help="the model of a detectron2/torchvision --weights file (e.g. detectron2_mask_rcnn_R_50_FPN_3x)")
+    x.add_argument("--format", "-f", choices=["onnx", "exported-program"], default="onnx",
+                   help="onnx (onnxruntime, OpenVINO, ...) or exported-program (.pt2, torch.export); default: onnx")
+    x.add_argument("--output", "-o", required=True, help="file to write (e.g. model.onnx or model.pt2)")
+    x.add_argument("--masks", choices=["pasted", "raw"], default="pasted",
+                   help="pasted: full-image masks (default); raw: the 28x28 mask of each detection (mask_probs), "
+                   "to paste into its box yourself")
+    x.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="inference settings baked into the graph, e.g. model.roi_heads.score_thresh=0.3")
+    x.add_argument("--classes", metavar="FILE", help=CLASSES_HELP + "; stored in the exported file")
 
     d = sub.add_parser("demo", help="generate shapes, train, evaluate and predict, on the CPU in minutes",
                        description="The whole job on the built-in synthetic shapes: write the dataset, train the "
@@ -296,9 +318,28 @@ def _cmd_predict(args) -> int:
 
     paths = _expand_inputs(args.inputs)  # before loading the model: a typo fails at once
     _check_output_dir(args.output)
-    pred = Predictor(args.weights, args.device, args.overrides, args.config, args.classes)
+    pred = Predictor(args.weights, args.device, args.overrides, args.config, args.classes, runtime=args.runtime)
     json_path = predict_images(pred, paths, Path(args.output), args.score_thresh)
     print(f"wrote overlays and {json_path}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from maskrcnn.engine.predictor import Predictor
+    from maskrcnn.export.exporter import check_output_path, export_model
+
+    output = check_output_path(args.output)  # before loading the model: a bad path fails at once
+    suffix = ".onnx" if args.format == "onnx" else ".pt2"
+    if output.suffix != suffix:
+        raise ValueError(f"--output {output}: a {args.format} file is named *{suffix}")
+    if Path(args.weights).suffix in (".onnx", ".pt2"):
+        raise ValueError(f"{args.weights} is already exported; export a checkpoint (.pth) or a detectron2/torchvision "
+                         "file with --config")
+    pred = Predictor(args.weights, "cpu", args.overrides, args.config, args.classes)
+    meta = {"classes": pred.class_map.to_dict()}
+    print(f"exporting {args.weights} to {output} ({args.format}); this takes a minute or two", file=sys.stderr)
+    export_model(pred.model, output, args.format, args.masks, meta)
+    print(f"wrote {output}")
     return 0
 
 
@@ -380,9 +421,11 @@ def is_user_error(e: BaseException) -> bool:
     from maskrcnn.config import ConfigError
     from maskrcnn.data.coco import DatasetError
     from maskrcnn.data.transforms import BadImageError
+    from maskrcnn.export.exporter import MissingExtra
+    from maskrcnn.export.graph import UnsupportedExport
     from maskrcnn.interop.checkpoint import CheckpointError
 
-    ours = (ConfigError, DatasetError, BadImageError, CheckpointError)
+    ours = (ConfigError, DatasetError, BadImageError, CheckpointError, MissingExtra, UnsupportedExport)
     if isinstance(e, (*ours, OSError, FloatingPointError, torch.cuda.OutOfMemoryError)):
         return True
     return isinstance(e, (ValueError, TypeError)) and _raised_by_us(e)
@@ -414,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     commands = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "demo": _cmd_demo,
-                "convert": _cmd_convert, "smoke": _cmd_smoke}
+                "convert": _cmd_convert, "smoke": _cmd_smoke, "export": _cmd_export}
     if args.command not in commands:
         parser.print_help()
         return EXIT_USAGE

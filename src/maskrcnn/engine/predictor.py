@@ -60,14 +60,26 @@ class Predictor:
             converted on the fly, with COCO's class map (or ``classes``).
         classes: the class names and ids to report instead of the checkpoint's: a :class:`ClassMap`
             or a file (see :meth:`ClassMap.from_file`), with as many classes as the model.
+        runtime: ``"torch"`` (the default) runs a checkpoint, or an ExportedProgram (``.pt2``);
+            ``"onnxruntime"`` or ``"openvino"`` run an ONNX file written by ``maskrcnn export``
+            (``maskrcnn.export.runtime``), with the same outputs.
     """
 
     def __init__(self, checkpoint: str | Path, device: str = "auto", overrides: Sequence[str] = (),
-                 config: str | None = None, classes: str | Path | ClassMap | None = None) -> None:
+                 config: str | None = None, classes: str | Path | ClassMap | None = None,
+                 runtime: str | None = None) -> None:
         from maskrcnn.config import apply_overrides, get_config
 
         if classes is not None and not isinstance(classes, ClassMap):
             classes = ClassMap.from_file(classes)
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                   ("cpu" if device == "auto" else device))
+        if Path(checkpoint).suffix in (".onnx", ".pt2"):
+            self._load_exported(checkpoint, runtime, overrides, config, classes)
+            return
+        if runtime not in (None, "torch"):
+            raise ValueError(f"--runtime {runtime} runs an exported model (.onnx); export {checkpoint} first: "
+                             f"maskrcnn export --weights {checkpoint} --format onnx --output model.onnx")
         if config:
             from maskrcnn.interop.external import load_external
 
@@ -88,9 +100,23 @@ class Predictor:
                     given.ids, given.names, self.class_map.keypoint_names, self.class_map.skeleton)
             self.model = build_model(self.cfg)
             self.model.load_state_dict(state["model"])
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                   ("cpu" if device == "auto" else device))
         self.model.to(self.device).eval()
+
+    def _load_exported(self, path: str | Path, runtime: str | None, overrides: Sequence[str], config: str | None,
+                       classes: ClassMap | None) -> None:
+        from maskrcnn.export.runtime import ExportedModel
+
+        if overrides or config:
+            raise ValueError(f"{path} is an exported model: its settings are fixed in the graph (export again "
+                             "with --set to change them); --set and --config do not apply")
+        self.cfg = None
+        self.model = ExportedModel(path, runtime, str(self.device))  # type: ignore[assignment]
+        meta = self.model.metadata
+        if "classes" not in meta:
+            raise ValueError(f"{path} holds no class map; export it with 'maskrcnn export'")
+        self.class_map = ClassMap.from_dict(meta["classes"])
+        if classes is not None:
+            self.class_map = classes.fit(self.class_map.num_classes, "--classes")
 
     def __call__(self, image: ImageLike) -> dict:
         return self.predict([image])[0]

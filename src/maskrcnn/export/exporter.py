@@ -25,6 +25,10 @@ METADATA_KEY = "maskrcnn"
 FORMAT_VERSION = 1
 
 
+class MissingExtra(ImportError):
+    """An optional dependency is not installed; the message names the pip line."""
+
+
 def require(module: str, purpose: str):
     """Import an optional dependency or say which pip line installs it."""
     import importlib
@@ -32,7 +36,7 @@ def require(module: str, purpose: str):
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise ImportError(f"{purpose} needs the '{module}' package, which is not installed: {EXPORT_EXTRA}") from e
+        raise MissingExtra(f"{purpose} needs the '{module}' package, which is not installed: {EXPORT_EXTRA}") from e
 
 
 def _example_inputs() -> tuple[torch.Tensor, torch.Tensor]:

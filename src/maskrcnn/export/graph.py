@@ -359,8 +359,9 @@ class DeployableDetector(nn.Module):
             max_h = _item(torch.cat([(kb[:, 3] - kb[:, 1]).clamp(min=1).ceil(), one]).max())
             kps, kscores = decode_heatmaps(logits, kb, heads.keypoint_score, max_h, max_w)
             factor = torch.stack([ratio[:, 1], ratio[:, 0], torch.ones_like(ratio[:, 0])], 1)[:, None, None, :]
-            out.append(kps.reshape(n, d, -1, 3) * factor)
-            out.append(kscores.reshape(n, d, -1))
+            # no -1 in these shapes: with no detections onnxruntime would divide by zero inferring it
+            out.append(kps.reshape(n, d, kps.shape[1], 3) * factor)
+            out.append(kscores.reshape(n, d, kps.shape[1]))
         return tuple(out)
 
     def _paste(self, probs: Tensor, boxes: Tensor, height: int, width: int) -> Tensor:

@@ -1,0 +1,163 @@
+"""``maskrcnn export`` and ``maskrcnn predict --runtime`` on a trained checkpoint, the README's
+torch-free ONNX snippet, and the errors a user can cause."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from maskrcnn.cli import main
+from maskrcnn.engine.predictor import Predictor
+from maskrcnn.export.runtime import ExportedModel
+from tests.tiny import tiny_train_overrides
+
+pytest.importorskip("onnxruntime")
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _sets(items):
+    return [arg for item in items for arg in ("--set", item)]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("export_cli")
+    assert main(["train", "--no-progress", *_sets(tiny_train_overrides(out, ["solver.max_iter=2"]))]) == 0
+    return out, out / "train" / "model_final.pth"
+
+
+@pytest.fixture(scope="module")
+def onnx_file(checkpoint):
+    out, ckpt = checkpoint
+    path = out / "model.onnx"
+    # a low score threshold so that the barely trained model reports detections
+    assert main(["export", "--weights", str(ckpt), "--output", str(path),
+                 "--set", "model.roi_heads.score_thresh=0.0"]) == 0
+    return path
+
+
+def _predictions(folder: Path) -> list[dict]:
+    return sorted(json.loads((folder / "predictions.json").read_text()), key=lambda r: (r["file_name"], -r["score"]))
+
+
+def test_predict_with_onnxruntime_matches_checkpoint(checkpoint, onnx_file):
+    runtime = "onnxruntime"
+    out, ckpt = checkpoint
+    images = out / "shapes" / "val"
+    assert main(["predict", str(images), "--weights", str(ckpt), "--output", str(out / "eager"), "--score-thresh", "0",
+                 "--set", "model.roi_heads.score_thresh=0.0"]) == 0
+    assert main(["predict", str(images), "--weights", str(onnx_file), "--runtime", runtime,
+                 "--output", str(out / runtime), "--score-thresh", "0"]) == 0
+    eager, got = _predictions(out / "eager"), _predictions(out / runtime)
+    assert eager and len(got) == len(eager)
+    for e, g in zip(eager, got):
+        assert (g["file_name"], g["category_id"]) == (e["file_name"], e["category_id"])
+        assert abs(g["score"] - e["score"]) <= 1e-4
+        assert max(abs(a - b) for a, b in zip(g["bbox"], e["bbox"])) <= 1e-3
+    assert len(list((out / runtime).glob("*.png"))) == 4
+
+
+def test_exported_program_runs_with_torch_runtime_and_raw_masks(checkpoint, tmp_path):
+    _, ckpt = checkpoint
+    path = tmp_path / "model.pt2"
+    assert main(["export", "--weights", str(ckpt), "--format", "exported-program", "--masks", "raw",
+                 "--output", str(path), "--set", "model.roi_heads.score_thresh=0.0"]) == 0
+    eager = Predictor(ckpt, "cpu", ["model.roi_heads.score_thresh=0.0"])
+    exported = Predictor(path, "cpu")
+    assert exported.class_map.names == eager.class_map.names
+    image = torch.from_numpy(__import__("numpy").array(Image.open(
+        ckpt.parent.parent / "shapes" / "val" / "000000.png").convert("RGB"))).permute(2, 0, 1)
+    a, b = eager(image), exported(image)
+    assert a["boxes"].shape[0] > 0 and torch.equal(a["labels"], b["labels"])
+    torch.testing.assert_close(b["boxes"], a["boxes"], atol=1e-3, rtol=1e-4)
+    assert (a["masks"] == b["masks"]).float().mean() >= 0.999  # the runtime pasted the 28x28 masks
+    assert b["class_names"] == a["class_names"]
+
+
+def _readme_snippet() -> str:
+    text = README.read_text()
+    match = re.search(r"<!-- onnx-snippet[^>]*-->\s*```python\n(.*?)```", text, re.S)
+    assert match, "README.md lost its ONNX snippet"
+    return match.group(1)
+
+
+def test_readme_onnx_snippet_runs_without_torch(checkpoint, onnx_file, tmp_path):
+    out, ckpt = checkpoint
+    image_path = out / "shapes" / "val" / "000001.png"
+    snippet = _readme_snippet().replace('"model.onnx"', repr(str(onnx_file))).replace('"photo.jpg"', repr(str(image_path)))
+    script = tmp_path / "snippet.py"
+    # importing torch or maskrcnn fails in this process: the snippet must not need them
+    script.write_text("import sys\nsys.modules['torch'] = None\nsys.modules['maskrcnn'] = None\n" + snippet)
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.strip().splitlines()
+    eager = Predictor(ckpt, "cpu", ["model.roi_heads.score_thresh=0.0"])(image_path)
+    assert len(lines) == eager["boxes"].shape[0] > 0
+    first = lines[0].split()
+    assert first[0] == eager["class_names"][0] and abs(float(first[1]) - float(eager["scores"][0])) < 1e-3
+
+
+# -- errors a user can cause ---------------------------------------------------------------------
+def test_export_errors_name_the_problem(checkpoint, onnx_file, tmp_path, capsys):
+    out, ckpt = checkpoint
+    cases = [
+        (["export", "--weights", str(ckpt), "--output", str(tmp_path / "missing" / "m.onnx")], "does not exist"),
+        (["export", "--weights", str(ckpt), "--output", str(tmp_path)], "is a folder"),
+        (["export", "--weights", str(ckpt), "--output", str(tmp_path / "m.pt2")], "named *.onnx"),
+        (["export", "--weights", str(tmp_path / "nope.pth"), "--output", str(tmp_path / "m.onnx")], "nope.pth"),
+        (["export", "--weights", str(onnx_file), "--output", str(tmp_path / "m.onnx")], "already exported"),
+        (["export", "--weights", str(ckpt), "--output", str(tmp_path / "m.onnx"), "--set", "model.nope=1"], "nope"),
+        (["predict", str(out / "shapes" / "val"), "--weights", str(ckpt), "--runtime", "onnxruntime",
+          "--output", str(tmp_path / "p")], "maskrcnn export --weights"),
+        (["predict", str(out / "shapes" / "val"), "--weights", str(onnx_file), "--runtime", "torch",
+          "--output", str(tmp_path / "p")], "ExportedProgram (.pt2)"),
+        (["predict", str(out / "shapes" / "val"), "--weights", str(onnx_file), "--runtime", "openvino",
+          "--output", str(tmp_path / "p")], "use --runtime onnxruntime"),
+    ]
+    for argv, words in cases:
+        capsys.readouterr()
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, (argv, err)
+    with pytest.raises(SystemExit) as e:  # an unknown format is an argparse error
+        main(["export", "--weights", str(ckpt), "--output", str(tmp_path / "m.ts"), "--format", "torchscript"])
+    assert e.value.code == 2
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_exported_model_rejects_wrong_channel_count_and_foreign_files(onnx_file, tmp_path):
+    model = ExportedModel(onnx_file)
+    with pytest.raises(ValueError, match="3-channel RGB"):
+        model([torch.zeros((4, 50, 60), dtype=torch.uint8)])
+    with pytest.raises(ValueError, match="3-channel RGB"):
+        model([torch.zeros((1, 50, 60), dtype=torch.uint8)])
+    onnx = pytest.importorskip("onnx")
+    proto = onnx.load(str(onnx_file))
+    del proto.metadata_props[:]
+    foreign = tmp_path / "foreign.onnx"
+    onnx.save(proto, str(foreign))
+    with pytest.raises(ValueError, match="not one written by 'maskrcnn export'"):
+        ExportedModel(foreign)
+
+
+def test_missing_extra_names_the_pip_line(checkpoint, tmp_path, monkeypatch, capsys):
+    import importlib
+
+    _, ckpt = checkpoint
+    real = importlib.import_module
+
+    def fake(name, *args, **kwargs):
+        if name == "onnxscript":
+            raise ImportError("No module named 'onnxscript'")
+        return real(name, *args, **kwargs)
+    monkeypatch.setattr(importlib, "import_module", fake)
+    assert main(["export", "--weights", str(ckpt), "--output", str(tmp_path / "m.onnx")]) == 1
+    assert "pip install 'maskrcnn[export]'" in capsys.readouterr().err
