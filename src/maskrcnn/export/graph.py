@@ -37,7 +37,7 @@ from maskrcnn.modeling.detector import MaskRCNN
 from maskrcnn.modeling.poolers import MultiLevelRoIPooler, assign_boxes_to_levels
 from maskrcnn.modeling.roi_heads.cascade import CascadeROIHeads
 from maskrcnn.modeling.roi_heads.mask_head import mask_probabilities
-from maskrcnn.structures.keypoints import decode_heatmaps
+from maskrcnn.structures.keypoints import decode_heatmaps, rounded_roi_size
 from maskrcnn.structures.masks import paste_weights
 
 MASK_OUTPUTS = ("pasted", "raw")
@@ -211,10 +211,10 @@ class DeployableDetector(nn.Module):
         return names
 
     # -- preprocessing ---------------------------------------------------------------------------
-    def preprocess(self, images: Tensor, image_sizes: Tensor) -> tuple[Tensor, Tensor]:
-        """-> normalised, resized, padded batch ``(N, 3, Hb, Wb)`` and each image's size in it."""
+    def preprocess(self, images: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor]:
+        """``images`` and their true ``sizes`` -> normalised, resized, padded batch ``(N, 3, Hb, Wb)``
+        and each image's size in it."""
         p = self.model.preprocess
-        sizes = _true_sizes(images, image_sizes)
         x = images.permute(0, 3, 1, 2).float() * (p.pixel_scale / 255.0)
         if p.channel_order == "BGR":
             x = x.flip(1)
@@ -328,7 +328,8 @@ class DeployableDetector(nn.Module):
     # -- whole graph -----------------------------------------------------------------------------
     def forward(self, images: Tensor, image_sizes: Tensor) -> tuple[Tensor, ...]:
         model, heads = self.model, self.heads
-        x, sizes = self.preprocess(images, image_sizes)
+        original = _true_sizes(images, image_sizes)
+        x, sizes = self.preprocess(images, original)
         if model.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         x = x.to(model.dtype)
@@ -340,7 +341,6 @@ class DeployableDetector(nn.Module):
         n, d = boxes.shape[:2]
         image = _image_index(n, d, boxes)
         rois = torch.cat([image[:, None], boxes.reshape(-1, 4)], 1)
-        original = _true_sizes(images, image_sizes)
         ratio = (original.double() / sizes.double()).float()  # (N, 2): y, x
         scale = torch.stack([ratio[:, 1], ratio[:, 0], ratio[:, 1], ratio[:, 0]], 1)[:, None, :]
         out = [boxes * scale, scores, labels, count]
@@ -355,8 +355,8 @@ class DeployableDetector(nn.Module):
             logits = heads.keypoint_head(heads.keypoint_pooler(roi_feats, rois))
             kb = rois[:, 1:]
             one = kb.new_ones(1)  # the maximum of no boxes is 1 px
-            max_w = _item(torch.cat([(kb[:, 2] - kb[:, 0]).clamp(min=1).ceil(), one]).max())
-            max_h = _item(torch.cat([(kb[:, 3] - kb[:, 1]).clamp(min=1).ceil(), one]).max())
+            wc, hc = rounded_roi_size(kb)
+            max_w, max_h = _item(torch.cat([wc, one]).max()), _item(torch.cat([hc, one]).max())
             kps, kscores = decode_heatmaps(logits, kb, heads.keypoint_score, max_h, max_w)
             factor = torch.stack([ratio[:, 1], ratio[:, 0], torch.ones_like(ratio[:, 0])], 1)[:, None, None, :]
             # no -1 in these shapes: with no detections onnxruntime would divide by zero inferring it

@@ -28,15 +28,6 @@ def default_runtime(path: str | Path) -> str:
     return "torch" if Path(path).suffix == ".pt2" else "onnxruntime"
 
 
-def _onnx_metadata(path: Path) -> dict:
-    onnx = require("onnx", "Reading an ONNX file")
-    proto = onnx.load(str(path), load_external_data=False)
-    for entry in proto.metadata_props:
-        if entry.key == METADATA_KEY:
-            return json.loads(entry.value)
-    raise ValueError(f"{path} is an ONNX file but not one written by 'maskrcnn export' (no '{METADATA_KEY}' metadata)")
-
-
 def batch_images(images: Sequence[Tensor]) -> tuple[np.ndarray, np.ndarray]:
     """``(3, H, W)`` uint8 (or 0-1 float) images -> ``(N, Hmax, Wmax, 3)`` uint8 and ``(N, 2)`` sizes."""
     if not images:

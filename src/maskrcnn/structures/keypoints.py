@@ -97,10 +97,15 @@ def heatmaps_to_keypoints(maps: Tensor, rois: Tensor, score: str = "logit", max_
         return maps.new_zeros((0, k, 3)), maps.new_zeros((0, k))
     maps = to_geometry(maps)
     rois = rois.to(maps.dtype)
-    wc = (rois[:, 2] - rois[:, 0]).clamp(min=1).ceil()
-    hc = (rois[:, 3] - rois[:, 1]).clamp(min=1).ceil()
+    wc, hc = rounded_roi_size(rois)
     max_w, max_h = (int(v) for v in torch.stack([wc.max(), hc.max()]).tolist())
     return decode_heatmaps(maps, rois, score, max_h, max_w, max(1, max_elements // (k * max_h * max_w)))
+
+
+def rounded_roi_size(rois: Tensor) -> tuple[Tensor, Tensor]:
+    """``(R,)`` widths and heights of ``rois (R, 4)`` in whole pixels (at least 1): the size each
+    heatmap is resized to."""
+    return (rois[:, 2] - rois[:, 0]).clamp(min=1).ceil(), (rois[:, 3] - rois[:, 1]).clamp(min=1).ceil()
 
 
 def decode_heatmaps(maps: Tensor, rois: Tensor, score: str, max_h: int, max_w: int, step: int | None = None
@@ -112,7 +117,7 @@ def decode_heatmaps(maps: Tensor, rois: Tensor, score: str, max_h: int, max_w: i
     rois = rois.to(maps.dtype)
     widths = (rois[:, 2] - rois[:, 0]).clamp(min=1)
     heights = (rois[:, 3] - rois[:, 1]).clamp(min=1)
-    wc, hc = widths.ceil(), heights.ceil()
+    wc, hc = rounded_roi_size(rois)
     ay, ax = _bicubic_matrix(m, hc, max_h), _bicubic_matrix(m, wc, max_w)
     inside = ((torch.arange(max_h, device=maps.device) < hc[:, None])[:, :, None]
               & (torch.arange(max_w, device=maps.device) < wc[:, None])[:, None, :])  # (R, H, W)
