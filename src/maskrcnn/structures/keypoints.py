@@ -124,7 +124,8 @@ def decode_heatmaps(maps: Tensor, rois: Tensor, score: str, max_h: int, max_w: i
     peak_val, peak_pos = [], []
     for sl in [slice(None)] if step is None else [slice(s, s + step) for s in range(0, r, step)]:
         with full_precision(maps.device):
-            up = torch.einsum("rhm,rkmn,rwn->rkhw", ay[sl], maps[sl], ax[sl])
+            # (two matmuls, not einsum: onnxruntime's Einsum divides by zero on zero RoIs)
+            up = ay[sl, None] @ maps[sl] @ ax[sl, None].transpose(2, 3)
         up = up.masked_fill(~inside[sl, None], float("-inf"))
         # the first maximum in row-major order, found row by row (no index arithmetic on the
         # symbolic map width of an exported graph)
