@@ -338,6 +338,19 @@ def test_a_refused_checkpoint_never_suggests_unpickling_it(tmp_path):
     assert "Pickled" in str(e.value) and "weights_only" not in str(e.value) and "trust" not in str(e.value)
 
 
+def _random_bytes(seed: int, n: int = 300) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
+
+
+def test_random_bytes_are_never_mistaken_for_a_checkpoint(tmp_path):
+    # unpickling garbage fails with whatever exception its first bytes lead to (IndexError was seen in CI)
+    for seed in range(300):
+        path = tmp_path / f"{seed}.pth"
+        path.write_bytes(_random_bytes(seed))
+        with pytest.raises(CheckpointError, match="not a file written by torch.save"):
+            load_checkpoint(path)
+
+
 def _torchvision_named(data, path):
     torch.save({"backbone.body.layer1.0.conv1.weight": torch.zeros(1), "rpn.head.cls_logits.weight": torch.zeros(1)},
                path)
@@ -353,8 +366,8 @@ def _torchvision_named(data, path):
      "its keys are this package's own: a maskrcnn checkpoint needs no conversion"),
     (lambda data, p: p.write_bytes((data / "tiny.pth").read_bytes()), ["--from", "detectron2"],
      "its keys are this package's own"),
-    (lambda data, p: p.write_bytes(os.urandom(300)), [], "not a file written by torch.save"),
-    (lambda data, p: p.write_bytes(os.urandom(300)), ["--from", "detectron2"], "not a file written by torch.save"),
+    (lambda data, p: p.write_bytes(_random_bytes(0)), [], "not a file written by torch.save"),
+    (lambda data, p: p.write_bytes(_random_bytes(1)), ["--from", "detectron2"], "not a file written by torch.save"),
     (_cut, ["--from", "detectron2"], "truncated or corrupt"),
 ])
 def test_convert_says_what_it_expected_and_found(data, tmp_path, capsys, make, args, phrase):
@@ -442,7 +455,7 @@ def _truncated_png(path: Path) -> None:
 
 
 @pytest.mark.parametrize("make,reason", [
-    (lambda p: p.write_bytes(os.urandom(200)), "cannot decode image"),
+    (lambda p: p.write_bytes(_random_bytes(2, 200)), "cannot decode image"),
     (lambda p: p.write_text("not an image"), "cannot decode image"),
     (_truncated_png, "cannot decode image"),
     (lambda p: p.write_bytes(b""), "cannot decode image"),

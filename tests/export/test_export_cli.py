@@ -161,3 +161,28 @@ def test_missing_extra_names_the_pip_line(checkpoint, tmp_path, monkeypatch, cap
     monkeypatch.setattr(importlib, "import_module", fake)
     assert main(["export", "--weights", str(ckpt), "--output", str(tmp_path / "m.onnx")]) == 1
     assert "pip install 'maskrcnn[export]'" in capsys.readouterr().err
+
+
+# -- a converted detectron2 checkpoint, against detectron2's own outputs --------------------------
+D2 = Path(__file__).resolve().parents[1] / "fixtures" / "detectron2"
+
+
+@pytest.mark.numerics  # float32 outputs against stored ones
+def test_export_of_a_detectron2_checkpoint_reproduces_detectron2(tmp_path):
+    # the cascade fixture: a detectron2 zoo .pkl (small widths, seeded weights) and detectron2's outputs
+    # on one image (tests/interop/test_detectron2_fixtures.py); detectron2 itself cannot export Cascade
+    spec = json.loads((D2 / "cascade_mask_rcnn_R_50_FPN.json").read_text())
+    path = tmp_path / "cascade.onnx"
+    assert main(["export", "--weights", str(D2 / "cascade_mask_rcnn_R_50_FPN.pkl"), "--config", spec["preset"],
+                 *_sets(spec["overrides"]), "--output", str(path)]) == 0
+    ref = torch.load(D2 / "cascade_mask_rcnn_R_50_FPN_outputs.pth", weights_only=True)
+    image = torch.from_numpy(__import__("numpy").array(Image.open(D2 / "image.png"))).permute(2, 0, 1)
+    got = ExportedModel(path)([image])[0]
+    n = ref["boxes"].shape[0]
+    assert n >= 50 and got["boxes"].shape[0] == n
+    assert torch.equal(got["labels"] - 1, ref["classes"])  # detectron2's classes are 0-based
+    torch.testing.assert_close(got["boxes"], ref["boxes"].float(), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(got["scores"], ref["scores"].float(), rtol=0, atol=1e-4)
+    from maskrcnn.structures.masks import decode_rle
+    masks = decode_rle(ref["masks_rle"], *image.shape[1:]).bool()
+    assert (got["masks"][:, 0] == masks).float().mean() >= 0.999

@@ -44,7 +44,10 @@ def _why_unreadable(error: BaseException, head: bytes) -> str:
     if head.startswith(b"\x80") and isinstance(error, pickle.UnpicklingError):
         return ("a plain Python pickle, not a file written by torch.save (detectron2's model-zoo .pkl files are: "
                 "read those with `maskrcnn convert --from detectron2` or a detectron2_* --config)")
-    if isinstance(error, (pickle.UnpicklingError, KeyError, ValueError, UnicodeDecodeError)) or not text:
+    # neither a zip archive nor a pickle: unpickling garbage fails in arbitrary ways (IndexError,
+    # struct errors, ...), all meaning the same thing
+    if not head.startswith(b"\x80") or not text \
+            or isinstance(error, (pickle.UnpicklingError, KeyError, ValueError, UnicodeDecodeError)):
         return f"not a file written by torch.save (it starts with {head[:16]!r})"
     first = text.splitlines()[0]
     return f"{type(error).__name__}: {first}" if "weights_only" not in first else type(error).__name__
