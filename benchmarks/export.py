@@ -2,7 +2,8 @@
 ExportedProgram on torch), same weights, same image, same machine, one run.
 
     python benchmarks/export.py [--threads 2] [--repeats 3] [--size 800x1066]
-    python benchmarks/export.py --checkpoint outputs/demo/train/model_final.pth --size 192x256
+    python benchmarks/export.py --checkpoint outputs/demo/train/model_final.pth \
+        --image outputs/demo/shapes/val/000000.png
 
 torchvision's model is built in the reference environment with seeded random weights (as
 ``benchmarks/infer.py``) and loaded into our ``torchvision_maskrcnn_resnet50_fpn`` preset; with
@@ -81,12 +82,19 @@ def main() -> None:
     ap.add_argument("--size", default="800x1066", help="input HxW (default 800x1066)")
     ap.add_argument("--score-thresh", type=float, default=0.05)
     ap.add_argument("--checkpoint", help="a maskrcnn checkpoint to time instead of torchvision's R50-FPN weights")
+    ap.add_argument("--image", help="an image file to time on (default: smooth random noise of --size)")
     args = ap.parse_args()
-    h, w = (int(v) for v in args.size.split("x"))
-    g = torch.Generator().manual_seed(0)
-    low = torch.rand(1, 3, h // 32, w // 32, generator=g)
-    image8 = (torch.nn.functional.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)[0] * 255) \
-        .round().to(torch.uint8)
+    if args.image:
+        import numpy as np
+        from PIL import Image
+        image8 = torch.from_numpy(np.array(Image.open(args.image).convert("RGB"))).permute(2, 0, 1).contiguous()
+        h, w = image8.shape[1:]
+    else:
+        h, w = (int(v) for v in args.size.split("x"))
+        g = torch.Generator().manual_seed(0)
+        low = torch.rand(1, 3, h // 32, w // 32, generator=g)
+        image8 = (torch.nn.functional.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)[0] * 255) \
+            .round().to(torch.uint8)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         weights, img_path = Path(tmp, "w.pth"), Path(tmp, "img.pt")
