@@ -116,8 +116,10 @@ class ExportedModel:
         return lambda images, sizes: session.run(names, {"images": images, "image_sizes": sizes})
 
     def _load_openvino(self, path: Path, threads: int | None):
-        # OpenVINO 2026.4 compiles the graph but exhausts memory running it (its CPU plugin sizes the
-        # data-dependent tensors from their bounds): refused rather than left to be killed by the OS
+        # OpenVINO 2026.4 compiles the graph but sizes the resize of the preprocessing wrongly (a
+        # 128-row frame becomes 128 * H * H / 2 rows, gigabytes) once both axes' gathers are in the
+        # graph; each half alone, or with intermediate tensors exposed, runs right. Refused rather
+        # than left to be killed by the OS.
         raise ValueError("the openvino runtime does not run exported maskrcnn graphs yet (OpenVINO runs out of memory "
                          "on their data-dependent shapes); use --runtime onnxruntime")
 
