@@ -120,8 +120,9 @@ def _parser() -> argparse.ArgumentParser:
                    "detectron2 .pkl/.pth or torchvision .pth")
     x.add_argument("--config", "-c", metavar="PRESET_OR_YAML",
                    help="the model of a detectron2/torchvision --weights file (e.g. detectron2_mask_rcnn_R_50_FPN_3x)")
-    x.add_argument("--format", "-f", choices=["onnx", "exported-program"], default="onnx",
-                   help="onnx (onnxruntime, OpenVINO, ...) or exported-program (.pt2, torch.export); default: onnx")
+    x.add_argument("--format", "-f", choices=["onnx", "exported-program", "torchscript"], default="onnx",
+                   help="onnx (onnxruntime) or exported-program (.pt2, torch.export); default: onnx. torchscript "
+                   "is refused with the reason (deprecated by PyTorch)")
     x.add_argument("--output", "-o", required=True, help="file to write (e.g. model.onnx or model.pt2)")
     x.add_argument("--masks", choices=["pasted", "raw"], default="pasted",
                    help="pasted: full-image masks (default); raw: the 28x28 mask of each detection (mask_probs), "
@@ -326,8 +327,11 @@ def _cmd_predict(args) -> int:
 
 def _cmd_export(args) -> int:
     from maskrcnn.engine.predictor import Predictor
-    from maskrcnn.export.exporter import check_output_path, export_model
+    from maskrcnn.export.exporter import TORCHSCRIPT_REFUSAL, check_output_path, export_model
+    from maskrcnn.export.graph import UnsupportedExport
 
+    if args.format == "torchscript":
+        raise UnsupportedExport(TORCHSCRIPT_REFUSAL)
     output = check_output_path(args.output)  # before loading the model: a bad path fails at once
     suffix = ".onnx" if args.format == "onnx" else ".pt2"
     if output.suffix != suffix:

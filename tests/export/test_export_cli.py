@@ -127,8 +127,12 @@ def test_export_errors_name_the_problem(checkpoint, onnx_file, tmp_path, capsys)
         assert main(argv) == 1, argv
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err, (argv, err)
+    # torchscript is refused with the reason and the formats to use instead
+    assert main(["export", "--weights", str(ckpt), "--output", str(tmp_path / "m.ts"), "--format", "torchscript"]) == 1
+    err = capsys.readouterr().err
+    assert "deprecates" in err and "--format exported-program" in err and "Traceback" not in err
     with pytest.raises(SystemExit) as e:  # an unknown format is an argparse error
-        main(["export", "--weights", str(ckpt), "--output", str(tmp_path / "m.ts"), "--format", "torchscript"])
+        main(["export", "--weights", str(ckpt), "--output", str(tmp_path / "m.x"), "--format", "tflite"])
     assert e.value.code == 2
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
 

@@ -29,6 +29,14 @@ class MissingExtra(ImportError):
     """An optional dependency is not installed; the message names the pip line."""
 
 
+# TorchScript is deliberately not written: torch.jit is deprecated (torch 2.13's trace warns "switch to
+# torch.compile or torch.export"), and tracing cannot follow this graph, whose sizes (resize frame,
+# detection count) are computed from the data: the trace fails, or would fix them as constants.
+TORCHSCRIPT_REFUSAL = ("TorchScript is not offered: PyTorch deprecates it (torch.jit.trace says 'switch to "
+                       "torch.compile or torch.export'), and a trace cannot follow the image sizes and detection "
+                       "counts this graph computes from the data. Use --format exported-program (.pt2, "
+                       "torch.export.load) or --format onnx (onnxruntime from Python, C++, C#, Java or JavaScript)")
+
 def require(module: str, purpose: str):
     """Import an optional dependency or say which pip line installs it."""
     import importlib
@@ -78,6 +86,8 @@ def export_model(model: MaskRCNN, path: str | Path, format: str = "onnx", masks:
     ``metadata`` (class names, category ids, ...) is stored with the graph. The file is written
     atomically: an interrupted export leaves no partial file.
     """
+    if format == "torchscript":
+        raise UnsupportedExport(TORCHSCRIPT_REFUSAL)
     if format not in FORMATS:
         raise UnsupportedExport(f"export format must be one of {', '.join(FORMATS)}, got {format!r}")
     path = check_output_path(path)
