@@ -26,14 +26,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "benchmarks"))
-from infer import TORCHVISION  # noqa: E402
+from infer import BENCH_DIR, TORCHVISION  # noqa: E402
 from reference import run_reference  # noqa: E402
 
 # builds the model (from torchvision's weights or a checkpoint), exports it if asked, times one runtime
 RUN = """
-import json, resource, statistics, sys, time
+import json, sys, time
 import torch
 args = json.loads(sys.argv[1])
+sys.path.insert(0, args["bench_dir"])
+from timing import median_seconds, peak_rss_mb
 torch.set_num_threads(args["threads"])
 image = torch.load(args["image"])  # (3, H, W) uint8
 runtime = args["runtime"]
@@ -56,15 +58,10 @@ if args.get("export_to"):
 if runtime != "eager":
     from maskrcnn.export.runtime import ExportedModel
     model = ExportedModel(args["file"], runtime, threads=args["threads"])
-times = []
 with torch.no_grad():
-    for i in range(args["repeats"] + 1):
-        t = time.perf_counter()
-        out = model([image])[0]
-        times.append(time.perf_counter() - t)
+    seconds, out = median_seconds(lambda: model([image])[0], args["repeats"])
 torch.save({k: out[k] for k in ("boxes", "labels", "scores")}, args["out"])
-print(json.dumps({"seconds": statistics.median(times[1:]),
-                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({"seconds": seconds, "rss_mb": peak_rss_mb()}))
 """
 
 
@@ -101,11 +98,12 @@ def main() -> None:
         torch.save(image8, img_path)
         if not args.checkpoint:
             tv = run_reference(TORCHVISION, dict(seed=0, image=image8.float() / 255, repeats=args.repeats,
-                                                 weights=str(weights), score_thresh=args.score_thresh),
+                                                 weights=str(weights), score_thresh=args.score_thresh,
+                                                 bench_dir=BENCH_DIR),
                                threads=args.threads, timeout=3600)
             rows["torchvision eager"] = tv
         common = dict(threads=args.threads, repeats=args.repeats, weights=str(weights), image=str(img_path),
-                      score_thresh=args.score_thresh, checkpoint=args.checkpoint)
+                      score_thresh=args.score_thresh, checkpoint=args.checkpoint, bench_dir=BENCH_DIR)
         onnx_file, pt2_file = str(Path(tmp, "m.onnx")), str(Path(tmp, "m.pt2"))
         exports = {"onnx": _run(dict(common, runtime="eager", export_to=onnx_file, format="onnx")),
                    "exported-program": _run(dict(common, runtime="eager", export_to=pt2_file, format="exported-program"))}

@@ -22,11 +22,14 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+BENCH_DIR = str(REPO / "benchmarks")  # for the processes below to import timing.py
 sys.path.insert(0, str(REPO / "tests"))
 from reference import run_reference  # noqa: E402
 
 TORCHVISION = """
-import resource, statistics, time
+import sys
+sys.path.insert(0, inputs["bench_dir"])
+from timing import median_seconds, peak_rss_mb
 import torchvision
 from torchvision.models import resnet50
 from torchvision.models.detection import MaskRCNN
@@ -38,24 +41,21 @@ model = MaskRCNN(_resnet_fpn_extractor(resnet50(norm_layer=FrozenBatchNorm2d), 3
 randomize_norms(model, inputs["seed"])
 torch.save(model.state_dict(), inputs["weights"])
 image = inputs["image"]
-times = []
 with torch.no_grad():
-    for i in range(inputs["repeats"] + 1):
-        t = time.perf_counter()
-        out = model([image])[0]
-        times.append(time.perf_counter() - t)
-outputs["seconds"] = statistics.median(times[1:])
-outputs["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    outputs["seconds"], out = median_seconds(lambda: model([image])[0], inputs["repeats"])
+outputs["rss_mb"] = peak_rss_mb()
 outputs["dets"] = {"boxes": out["boxes"], "labels": out["labels"], "scores": out["scores"],
                    "masks": out["masks"][:, 0] >= 0.5}
 """
 
 OURS = """
-import json, resource, statistics, sys, time
+import json, statistics, sys, time
 import torch
+args = json.loads(sys.argv[1])
+sys.path.insert(0, args["bench_dir"])
+from timing import median_seconds, peak_rss_mb
 import maskrcnn
 from maskrcnn.interop.torchvision import load_torchvision_detection
-args = json.loads(sys.argv[1])
 torch.set_num_threads(args["threads"])
 cfg = maskrcnn.get_config("torchvision_maskrcnn_resnet50_fpn", [f"model.roi_heads.score_thresh={args['score_thresh']}"])
 model = load_torchvision_detection(maskrcnn.build_model(cfg), args["weights"]).eval()
@@ -73,17 +73,12 @@ timed("rpn (head, anchors, top-k, NMS)", model.rpn)
 timed("box head (2 FC)", model.roi_heads.box_head)
 timed("box pooling (RoIAlign 7x7)", model.roi_heads.box_pooler)
 timed("mask branch (RoIAlign 14x14 + head)", model.roi_heads.mask_head)
-times = []
 with torch.no_grad():
-    for i in range(args["repeats"] + 1):
-        t = time.perf_counter()
-        out = model([image])[0]
-        times.append(time.perf_counter() - t)
-total = statistics.median(times[1:])
+    total, out = median_seconds(lambda: model([image])[0], args["repeats"])
 prof = {k: statistics.median(v[1:]) for k, v in stages.items()}
 torch.save({"boxes": out["boxes"], "labels": out["labels"], "scores": out["scores"], "masks": out["masks"][:, 0]},
            args["out"])
-print(json.dumps({"seconds": total, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+print(json.dumps({"seconds": total, "rss_mb": peak_rss_mb(),
                   "stages": prof}))
 """
 
@@ -103,10 +98,11 @@ def main() -> None:
         weights, img_path, out_path = Path(tmp, "w.pth"), Path(tmp, "img.pt"), Path(tmp, "out.pt")
         torch.save(image, img_path)
         tv = run_reference(TORCHVISION, dict(seed=0, image=image, repeats=args.repeats, weights=str(weights),
-                                             score_thresh=args.score_thresh), threads=args.threads, timeout=3600)
+                                             score_thresh=args.score_thresh, bench_dir=BENCH_DIR),
+                           threads=args.threads, timeout=3600)
         proc = subprocess.run([sys.executable, "-c", OURS, json.dumps(dict(
             threads=args.threads, repeats=args.repeats, weights=str(weights), image=str(img_path), out=str(out_path),
-            score_thresh=args.score_thresh))], capture_output=True, text=True)
+            score_thresh=args.score_thresh, bench_dir=BENCH_DIR))], capture_output=True, text=True)
         if proc.returncode:
             raise SystemExit(proc.stderr)
         ours = json.loads(proc.stdout.strip().splitlines()[-1])
