@@ -327,11 +327,9 @@ def _cmd_predict(args) -> int:
 
 def _cmd_export(args) -> int:
     from maskrcnn.engine.predictor import Predictor
-    from maskrcnn.export.exporter import TORCHSCRIPT_REFUSAL, check_output_path, export_model
-    from maskrcnn.export.graph import UnsupportedExport
+    from maskrcnn.export.exporter import check_format, check_output_path, export_model
 
-    if args.format == "torchscript":
-        raise UnsupportedExport(TORCHSCRIPT_REFUSAL)
+    check_format(args.format)  # before loading the model, as the output path: fail at once
     output = check_output_path(args.output)  # before loading the model: a bad path fails at once
     suffix = ".onnx" if args.format == "onnx" else ".pt2"
     if output.suffix != suffix:

@@ -37,6 +37,15 @@ TORCHSCRIPT_REFUSAL = ("TorchScript is not offered: PyTorch deprecates it (torch
                        "counts this graph computes from the data. Use --format exported-program (.pt2, "
                        "torch.export.load) or --format onnx (onnxruntime from Python, C++, C#, Java or JavaScript)")
 
+
+def check_format(format: str) -> None:
+    """An :class:`UnsupportedExport` naming the problem unless ``format`` is one of ``FORMATS``."""
+    if format == "torchscript":
+        raise UnsupportedExport(TORCHSCRIPT_REFUSAL)
+    if format not in FORMATS:
+        raise UnsupportedExport(f"export format must be one of {', '.join(FORMATS)}, got {format!r}")
+
+
 def require(module: str, purpose: str):
     """Import an optional dependency or say which pip line installs it."""
     import importlib
@@ -86,10 +95,7 @@ def export_model(model: MaskRCNN, path: str | Path, format: str = "onnx", masks:
     ``metadata`` (class names, category ids, ...) is stored with the graph. The file is written
     atomically: an interrupted export leaves no partial file.
     """
-    if format == "torchscript":
-        raise UnsupportedExport(TORCHSCRIPT_REFUSAL)
-    if format not in FORMATS:
-        raise UnsupportedExport(f"export format must be one of {', '.join(FORMATS)}, got {format!r}")
+    check_format(format)
     path = check_output_path(path)
     if format == "onnx":
         require("onnxscript", "ONNX export")
