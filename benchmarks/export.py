@@ -26,7 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "benchmarks"))
-from infer import BENCH_DIR, TORCHVISION  # noqa: E402
+from infer import BENCH_DIR, TORCHVISION, smooth_image  # noqa: E402
 from reference import run_reference  # noqa: E402
 
 # builds the model (from torchvision's weights or a checkpoint), exports it if asked, times one runtime
@@ -88,10 +88,7 @@ def main() -> None:
         h, w = image8.shape[1:]
     else:
         h, w = (int(v) for v in args.size.split("x"))
-        g = torch.Generator().manual_seed(0)
-        low = torch.rand(1, 3, h // 32, w // 32, generator=g)
-        image8 = (torch.nn.functional.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)[0] * 255) \
-            .round().to(torch.uint8)
+        image8 = (smooth_image(h, w) * 255).round().to(torch.uint8)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         weights, img_path = Path(tmp, "w.pth"), Path(tmp, "img.pt")

@@ -83,6 +83,12 @@ print(json.dumps({"seconds": total, "rss_mb": peak_rss_mb(),
 """
 
 
+def smooth_image(h: int, w: int) -> torch.Tensor:
+    """The benchmark input: seeded noise at 1/32 scale, upsampled, ``(3, h, w)`` float in [0, 1]."""
+    low = torch.rand(1, 3, h // 32, w // 32, generator=torch.Generator().manual_seed(0))
+    return torch.nn.functional.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)[0]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -91,9 +97,7 @@ def main() -> None:
     ap.add_argument("--score-thresh", type=float, default=0.05)
     args = ap.parse_args()
     h, w = (int(v) for v in args.size.split("x"))
-    g = torch.Generator().manual_seed(0)
-    low = torch.rand(1, 3, h // 32, w // 32, generator=g)
-    image = torch.nn.functional.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)[0]
+    image = smooth_image(h, w)
     with tempfile.TemporaryDirectory() as tmp:
         weights, img_path, out_path = Path(tmp, "w.pth"), Path(tmp, "img.pt"), Path(tmp, "out.pt")
         torch.save(image, img_path)

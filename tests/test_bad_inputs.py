@@ -23,7 +23,7 @@ from maskrcnn.cli import main
 from maskrcnn.engine.checkpoint import load_checkpoint, save_checkpoint
 from maskrcnn.interop.checkpoint import CheckpointError
 from maskrcnn.modeling.build import build_model
-from tiny import tiny_train_config, tiny_train_overrides
+from tiny import set_args, tiny_train_config, tiny_train_overrides
 
 D2_PKL = Path(__file__).parent / "fixtures" / "detectron2" / "mask_rcnn_R_50_FPN.pkl"
 W, H = 64, 48
@@ -50,10 +50,6 @@ def assert_one_line_error(code: int, err: str, *phrases: str) -> None:
     assert len(lines) == 1 and " error: " in lines[0], err
     for phrase in phrases:
         assert phrase in lines[0], f"{phrase!r} not in {lines[0]!r}"
-
-
-def _sets(items: list[str]) -> list[str]:
-    return [arg for item in items for arg in ("--set", item)]
 
 
 def _image(path: Path, seed: int = 0, size: tuple[int, int] = (W, H)) -> Path:
@@ -94,7 +90,7 @@ def data(tmp_path_factory) -> Path:
 
 
 def _train_argv(out: Path, extra: list[str], config: str = "shapes_R_18_FPN") -> list[str]:
-    return ["train", "--config", config, "--no-progress", *_sets(tiny_train_overrides(out, extra))]
+    return ["train", "--config", config, "--no-progress", *set_args(tiny_train_overrides(out, extra))]
 
 
 # -- annotation files: each an error before training (data.on_bad_sample=error, or a file-level problem) --

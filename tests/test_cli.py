@@ -11,11 +11,7 @@ from PIL import Image
 
 from maskrcnn.cli import main
 from maskrcnn.engine.predictor import Predictor
-from tiny import tiny_train_overrides
-
-
-def _sets(items):
-    return [arg for item in items for arg in ("--set", item)]
+from tiny import set_args, tiny_train_overrides
 
 
 @pytest.mark.parametrize("command,expected", [
@@ -38,7 +34,7 @@ def test_help_is_complete(capsys, command, expected):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli")
-    assert main(["train", "--no-progress", *_sets(tiny_train_overrides(out, ["solver.max_iter=2"]))]) == 0
+    assert main(["train", "--no-progress", *set_args(tiny_train_overrides(out, ["solver.max_iter=2"]))]) == 0
     return out
 
 
@@ -195,7 +191,7 @@ def test_convert_torchvision_checkpoint(reference, tmp_path):
 
 
 def test_cascade_preset_trains_evaluates_and_predicts_through_the_cli(tmp_path):
-    sets = _sets(tiny_train_overrides(tmp_path, ["solver.max_iter=2"]))
+    sets = set_args(tiny_train_overrides(tmp_path, ["solver.max_iter=2"]))
     assert main(["train", "--config", "shapes_cascade_R_18_FPN", "--no-progress", *sets]) == 0
     ckpt = tmp_path / "train" / "model_final.pth"
     assert main(["eval", "--weights", str(ckpt), "--output", str(tmp_path / "eval")]) == 0
@@ -206,7 +202,7 @@ def test_cascade_preset_trains_evaluates_and_predicts_through_the_cli(tmp_path):
 
 
 def test_keypoint_preset_trains_evaluates_and_predicts_through_the_cli(tmp_path, capsys):
-    sets = _sets(tiny_train_overrides(tmp_path, ["solver.max_iter=2", "model.keypoint_head.conv_dims=[32, 32]"]))
+    sets = set_args(tiny_train_overrides(tmp_path, ["solver.max_iter=2", "model.keypoint_head.conv_dims=[32, 32]"]))
     assert main(["train", "--config", "shapes_keypoint_R_18_FPN", "--no-progress", *sets]) == 0
     ckpt = tmp_path / "train" / "model_final.pth"
     assert main(["eval", "--weights", str(ckpt), "--output", str(tmp_path / "eval")]) == 0
@@ -221,7 +217,7 @@ def test_keypoint_preset_trains_evaluates_and_predicts_through_the_cli(tmp_path,
 def test_detectron2_pkl_predicts_and_converts_through_the_cli(tmp_path):
     fixtures = Path(__file__).parent / "fixtures" / "detectron2"
     spec = json.loads((fixtures / "mask_rcnn_R_50_FPN.json").read_text())
-    sets = _sets(spec["overrides"])
+    sets = set_args(spec["overrides"])
     pkl = str(fixtures / "mask_rcnn_R_50_FPN.pkl")
     assert main(["predict", str(fixtures / "image.png"), "--weights", pkl, "--config", spec["preset"], *sets,
                  "--output", str(tmp_path / "pred"), "--score-thresh", "0"]) == 0

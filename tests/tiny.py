@@ -64,6 +64,11 @@ def _rasterize_full(pm: PolygonMasks, h: int, w: int) -> torch.Tensor:
     return full[:, :h, :w]
 
 
+def set_args(items: list[str]) -> list[str]:
+    """Command-line ``--set`` arguments for each ``KEY=VALUE`` of ``items``."""
+    return [arg for item in items for arg in ("--set", item)]
+
+
 def tiny_train_overrides(out_dir, extra: list[str] | None = None) -> list[str]:
     """The demo preset shrunk for tests: 96-px shapes, a handful of images, no workers."""
     return [

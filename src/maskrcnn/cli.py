@@ -108,8 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto")
     r.add_argument("--classes", metavar="FILE", help=CLASSES_HELP + "; replaces the checkpoint's class map")
     r.add_argument("--runtime", choices=["torch", "onnxruntime", "openvino"],
-                   help="torch (default for checkpoints and .pt2), onnxruntime (default for .onnx) or openvino: "
-                   "--weights is then a file written by 'maskrcnn export'")
+                   help="torch (default for checkpoints and .pt2) or onnxruntime (default for .onnx): "
+                   "--weights is then a file written by 'maskrcnn export'; openvino is refused for now, "
+                   "with the reason")
 
     x = sub.add_parser("export", help="export a model to ONNX or a torch.export program, for any image size and batch",
                        description="Write the whole detector (uint8 RGB images in, preprocessing, network, NMS, "
@@ -329,8 +330,9 @@ def _cmd_export(args) -> int:
     from maskrcnn.engine.predictor import Predictor
     from maskrcnn.export.exporter import check_format, check_output_path, export_model
 
-    check_format(args.format)  # before loading the model, as the output path: fail at once
-    output = check_output_path(args.output)  # before loading the model: a bad path fails at once
+    # format and output path are checked before the model is loaded, so that a mistake fails at once
+    check_format(args.format)
+    output = check_output_path(args.output)
     suffix = ".onnx" if args.format == "onnx" else ".pt2"
     if output.suffix != suffix:
         raise ValueError(f"--output {output}: a {args.format} file is named *{suffix}")

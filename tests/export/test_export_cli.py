@@ -16,21 +16,17 @@ from PIL import Image
 from maskrcnn.cli import main
 from maskrcnn.engine.predictor import Predictor
 from maskrcnn.export.runtime import ExportedModel
-from tests.tiny import tiny_train_overrides
+from tests.tiny import set_args, tiny_train_overrides
 
 pytest.importorskip("onnxruntime")
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
-def _sets(items):
-    return [arg for item in items for arg in ("--set", item)]
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("export_cli")
-    assert main(["train", "--no-progress", *_sets(tiny_train_overrides(out, ["solver.max_iter=2"]))]) == 0
+    assert main(["train", "--no-progress", *set_args(tiny_train_overrides(out, ["solver.max_iter=2"]))]) == 0
     return out, out / "train" / "model_final.pth"
 
 
@@ -178,7 +174,7 @@ def test_export_of_a_detectron2_checkpoint_reproduces_detectron2(tmp_path):
     spec = json.loads((D2 / "cascade_mask_rcnn_R_50_FPN.json").read_text())
     path = tmp_path / "cascade.onnx"
     assert main(["export", "--weights", str(D2 / "cascade_mask_rcnn_R_50_FPN.pkl"), "--config", spec["preset"],
-                 *_sets(spec["overrides"]), "--output", str(path)]) == 0
+                 *set_args(spec["overrides"]), "--output", str(path)]) == 0
     ref = torch.load(D2 / "cascade_mask_rcnn_R_50_FPN_outputs.pth", weights_only=True)
     image = torch.from_numpy(__import__("numpy").array(Image.open(D2 / "image.png"))).permute(2, 0, 1)
     got = ExportedModel(path)([image])[0]

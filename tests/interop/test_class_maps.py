@@ -15,6 +15,7 @@ from maskrcnn.interop.detectron2 import read_detectron2_checkpoint
 from maskrcnn.interop.external import external_class_map
 from maskrcnn.interop.torchvision import convert_detection_state_dict
 from maskrcnn.structures.class_map import ClassMap
+from tiny import set_args
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "detectron2"
 TV_SETS = ["model.backbone.depth=18", "model.fpn.out_channels=16", "model.box_head.fc_dim=32",
@@ -78,10 +79,6 @@ def detectron2_pkl(tmp_path_factory):
     return path, spec["preset"], sets + ["model.roi_heads.num_classes=3"]
 
 
-def _sets(items):
-    return [a for item in items for a in ("--set", item)]
-
-
 def _warned(recwarn, capsys) -> str:
     """What was warned: recorded by pytest, or printed by the command line's own warning handler."""
     return " ".join(str(w.message) for w in recwarn) + capsys.readouterr().err
@@ -95,7 +92,7 @@ def _shapes_json(tmp_path, categories=SHAPES):
 
 def test_convert_torchvision_without_classes_warns_of_placeholders(torchvision_pth, tmp_path, recwarn, capsys):
     dst = tmp_path / "ours.pth"
-    assert main(["convert", str(torchvision_pth), str(dst), *_sets(TV_SETS)]) == 0
+    assert main(["convert", str(torchvision_pth), str(dst), *set_args(TV_SETS)]) == 0
     assert re.search(r"3 classes is not a COCO layout.*placeholder names 1\.\.3.*--classes", _warned(recwarn, capsys))
     cm = Predictor(dst, "cpu").class_map
     assert (cm.ids, cm.names) == ([1, 2, 3], ["1", "2", "3"]) and cm.is_placeholder
@@ -103,7 +100,7 @@ def test_convert_torchvision_without_classes_warns_of_placeholders(torchvision_p
 
 def test_convert_torchvision_with_classes_stores_them(torchvision_pth, tmp_path, recwarn, capsys):
     dst = tmp_path / "ours.pth"
-    assert main(["convert", str(torchvision_pth), str(dst), *_sets(TV_SETS), "--classes",
+    assert main(["convert", str(torchvision_pth), str(dst), *set_args(TV_SETS), "--classes",
                  str(_shapes_json(tmp_path))]) == 0
     assert "placeholder" not in _warned(recwarn, capsys)
     pred = Predictor(dst, "cpu", ["model.roi_heads.score_thresh=0.0"])
@@ -114,12 +111,12 @@ def test_convert_torchvision_with_classes_stores_them(torchvision_pth, tmp_path,
 
 def test_convert_detectron2_with_and_without_classes(detectron2_pkl, tmp_path, recwarn, capsys):
     pkl, preset, sets = detectron2_pkl
-    assert main(["convert", str(pkl), str(tmp_path / "a.pth"), "--config", preset, *_sets(sets)]) == 0
+    assert main(["convert", str(pkl), str(tmp_path / "a.pth"), "--config", preset, *set_args(sets)]) == 0
     assert "placeholder names 1..3" in _warned(recwarn, capsys)
     assert Predictor(tmp_path / "a.pth", "cpu").class_map.names == ["1", "2", "3"]
     # detectron2 numbers a COCO JSON's categories by sorted id: ids 5, 9, 12 are labels 1, 2, 3
     cats = [{"id": 12, "name": "circle"}, {"id": 5, "name": "square"}, {"id": 9, "name": "triangle"}]
-    assert main(["convert", str(pkl), str(tmp_path / "b.pth"), "--config", preset, *_sets(sets),
+    assert main(["convert", str(pkl), str(tmp_path / "b.pth"), "--config", preset, *set_args(sets),
                  "--classes", str(_shapes_json(tmp_path, cats))]) == 0
     cm = Predictor(tmp_path / "b.pth", "cpu").class_map
     assert (cm.ids, cm.names) == ([5, 9, 12], ["square", "triangle", "circle"])

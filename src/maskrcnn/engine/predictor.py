@@ -61,8 +61,9 @@ class Predictor:
         classes: the class names and ids to report instead of the checkpoint's: a :class:`ClassMap`
             or a file (see :meth:`ClassMap.from_file`), with as many classes as the model.
         runtime: ``"torch"`` (the default) runs a checkpoint, or an ExportedProgram (``.pt2``);
-            ``"onnxruntime"`` or ``"openvino"`` run an ONNX file written by ``maskrcnn export``
-            (``maskrcnn.export.runtime``), with the same outputs.
+            ``"onnxruntime"`` runs an ONNX file written by ``maskrcnn export``
+            (``maskrcnn.export.runtime``), with the same outputs; ``"openvino"`` is refused with
+            the reason for now.
     """
 
     def __init__(self, checkpoint: str | Path, device: str = "auto", overrides: Sequence[str] = (),
