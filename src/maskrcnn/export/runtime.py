@@ -116,10 +116,11 @@ class ExportedModel:
         return lambda images, sizes: session.run(names, {"images": images, "image_sizes": sizes})
 
     def _load_openvino(self, path: Path, threads: int | None):
-        # OpenVINO 2026.4 compiles the graph but sizes the resize of the preprocessing wrongly (a
-        # 128-row frame becomes 128 * H * H / 2 rows, gigabytes) once both axes' gathers are in the
-        # graph; each half alone, or with intermediate tensors exposed, runs right. Refused rather
-        # than left to be killed by the OS.
+        # OpenVINO (2023.3 to 2026.4 tried) compiles the graph but computes some of its data-dependent
+        # sizes wrongly, so tensors are allocated at gigabytes: e.g. the resize frame's rounding up,
+        # (128 + 31) // 32, came out as 5 instead of 4 once fused with the cast before it, and with
+        # that rewritten in floating point the resize's tap indices went wrong next. Each piece alone
+        # runs right. Refused rather than left to be killed by the OS.
         raise ValueError("the openvino runtime does not run exported maskrcnn graphs yet (OpenVINO runs out of memory "
                          "on their data-dependent shapes); use --runtime onnxruntime")
 
