@@ -57,6 +57,24 @@ def test_train_eval_predict(trained, capsys):
     assert main(["predict", str(images / "00000*.png"), "--weights", str(ckpt), "--output", str(trained / "p2")]) == 0
 
 
+
+def test_fast_mode_runs_the_checkpoint_in_bf16_through_eval_and_predict(trained, capsys):
+    ckpt = trained / "train" / "model_final.pth"
+    assert Predictor(ckpt, "cpu", fast=True).model.precision == "bf16"
+    assert Predictor(ckpt, "cpu").model.precision == "float32"
+    capsys.readouterr()
+    assert main(["eval", "--weights", str(ckpt), "--output", str(trained / "eval_fast"), "--fast"]) == 0
+    assert "segm: AP" in capsys.readouterr().out
+    images = trained / "shapes" / "val"
+    assert main(["predict", str(images), "--weights", str(ckpt), "--output", str(trained / "pred_fast"),
+                 "--score-thresh", "0", "--fast"]) == 0
+    fast = json.loads((trained / "pred_fast" / "predictions.json").read_text())
+    assert fast and {"file_name", "category_id", "bbox", "score", "segmentation"} <= set(fast[0])
+    onnx = trained / "model.onnx"
+    onnx.write_bytes(b"")  # refused before it is read
+    with pytest.raises(ValueError, match="fast mode runs a checkpoint in bf16; .*exported float32 graph"):
+        Predictor(onnx, "cpu", fast=True)
+
 @pytest.mark.numerics
 def test_predictor_accepts_every_image_kind(trained):
     pred = Predictor(trained / "train" / "model_final.pth", "cpu", ["model.roi_heads.score_thresh=0.0"])

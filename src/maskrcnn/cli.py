@@ -12,6 +12,8 @@ from pathlib import Path
 from maskrcnn import __version__
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+FAST_HELP = ("fast mode: the network's layers in bf16 (--set model.precision=bf16), for a CPU with bf16 units "
+             "(AMX or avx512_bf16) or a GPU; boxes, NMS and masks stay float32")
 CLASSES_HELP = ("the classes of the checkpoint: a COCO JSON (its categories: ids and names, labels by sorted id as "
                 "in detectron2; a torchvision head with one slot per id 1..max id also fits), a JSON/YAML list of "
                 "names, or a text file with one name per line (ids 1..K; a leading __background__ is dropped)")
@@ -88,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="inference overrides, e.g. --set model.roi_heads.score_thresh=0.01")
     e.add_argument("--device", default="auto")
+    e.add_argument("--fast", action="store_true", help=FAST_HELP)
     e.add_argument("--no-progress", action="store_true", help="no progress bar (none either when not on a terminal)")
     e.add_argument("--classes", metavar="FILE", help=CLASSES_HELP + "; replaces the checkpoint's class map")
     e.add_argument("--allow-class-mismatch", action="store_true",
@@ -106,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--score-thresh", type=_unit_interval, default=0.5, help="minimum score to keep, 0-1 (default: 0.5)")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     r.add_argument("--device", default="auto")
+    r.add_argument("--fast", action="store_true", help=FAST_HELP)
     r.add_argument("--classes", metavar="FILE", help=CLASSES_HELP + "; replaces the checkpoint's class map")
     r.add_argument("--runtime", choices=["torch", "onnxruntime", "openvino"],
                    help="torch (default for checkpoints and .pt2) or onnxruntime (default for .onnx): "
@@ -286,7 +290,7 @@ def _cmd_eval(args) -> int:
     device = select_device(args.device, DistInfo(local_rank=int(os.environ.get("LOCAL_RANK", "0"))))
     info = init_distributed(device.type)
     try:
-        pred = Predictor(args.weights, str(device), args.overrides, args.config, args.classes)
+        pred = Predictor(args.weights, str(device), args.overrides, args.config, args.classes, fast=args.fast)
         if args.dataset:
             json_path, images = Path(args.dataset), Path(args.images or Path(args.dataset).parent)
         else:  # the validation set the checkpoint was trained with (its own files, or the built-in shapes)
@@ -320,7 +324,8 @@ def _cmd_predict(args) -> int:
 
     paths = _expand_inputs(args.inputs)  # before loading the model: a typo fails at once
     _check_output_dir(args.output)
-    pred = Predictor(args.weights, args.device, args.overrides, args.config, args.classes, runtime=args.runtime)
+    pred = Predictor(args.weights, args.device, args.overrides, args.config, args.classes, runtime=args.runtime,
+                     fast=args.fast)
     json_path = predict_images(pred, paths, Path(args.output), args.score_thresh)
     print(f"wrote overlays and {json_path}")
     return 0

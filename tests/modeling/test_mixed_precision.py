@@ -220,3 +220,84 @@ def test_float64_models_keep_float64_geometry():
         model.roi_heads.score_thresh = 0.0
         out = model([torch.rand(3, 90, 120, dtype=torch.float64)])
     assert out[0]["boxes"].dtype == out[0]["scores"].dtype == torch.float64
+
+
+# -- 3: inference precision (model.precision, the fast mode) -----------------------------------------
+@pytest.mark.parametrize("cascade", [False, True])
+def test_model_precision_bf16_geometry_equals_float32_given_the_same_network_outputs(cascade):
+    """model.precision=bf16 runs the layers under autocast at inference and nothing else: with the
+    network's outputs fixed, every output equals the float32 model's exactly."""
+    extra = ["model.roi_heads.score_thresh=0.0"] + (["model.cascade.enabled=true"] if cascade else [])
+    images = [d[0] for d in _data()]
+    outs = []
+    for precision in ("float32", "bf16"):
+        model = _model(extra + [f"model.precision={precision}"]).eval()
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        _stub_heads(model, dtype)
+        seen = []
+        model.rpn.head.register_forward_hook(lambda m, i, o: seen.append(torch.get_autocast_dtype("cpu")
+                                                                         if torch.is_autocast_enabled("cpu") else None))
+        with torch.no_grad():
+            outs.append(model(images))
+        assert seen == [torch.bfloat16 if precision == "bf16" else None]
+    for r, o in zip(*outs):
+        assert r["boxes"].shape[0] > 10 and float(r["boxes"].max()) > 512
+        for key in ("boxes", "scores", "labels", "masks", "keypoints", "keypoints_scores"):
+            assert o[key].dtype == r[key].dtype, key
+            torch.testing.assert_close(o[key], r[key], rtol=0, atol=0, msg=key)
+
+
+def test_model_precision_bf16_runs_the_real_layers_in_bf16_and_keeps_geometry_float32(geometry_dtypes):
+    model = _model(["model.precision=bf16", "model.roi_heads.score_thresh=0.0"]).eval()
+    layer_dtypes = set()
+    model.backbone.register_forward_hook(lambda m, i, o: layer_dtypes.update(str(f.dtype) for f in o))
+    with torch.no_grad():
+        out = model([d[0] for d in _data()])
+    assert layer_dtypes == {"torch.bfloat16"}
+    assert sum(o["boxes"].shape[0] for o in out) > 0
+    for o in out:
+        assert o["boxes"].dtype == o["scores"].dtype == o["keypoints"].dtype == torch.float32
+    inference_steps = {"rpn.batched_nms_unchecked", "box_head.batched_nms_unchecked", "poolers.roi_align_unchecked",
+                       "poolers.assign_boxes_to_levels", "preprocess.paste_masks_in_image", "BoxCoder.decode",
+                       "AnchorGenerator.forward", "standard.heatmaps_to_keypoints"}
+    called = {name.replace("maskrcnn.modeling.", "").replace("roi_heads.", "") for name in geometry_dtypes}
+    assert inference_steps <= called, inference_steps - called
+    wrong = {name: dtypes for name, dtypes in geometry_dtypes.items() if dtypes != {"torch.float32"}}
+    assert not wrong, wrong
+
+
+def test_model_precision_does_not_change_training():
+    """Training's precision is solver.amp (the trainer's autocast): model.precision is inference only."""
+    data = _data(1)
+    losses = []
+    for precision in ("float32", "bf16"):
+        model = _model([f"model.precision={precision}"]).train()
+        losses.append(model([d[0] for d in data], [d[1] for d in data]))
+    assert losses[0].keys() == losses[1].keys()
+    for name in losses[0]:
+        torch.testing.assert_close(losses[1][name], losses[0][name], rtol=0, atol=0, msg=name)
+
+
+def test_model_precision_fp16_on_the_cpu_is_refused_with_the_alternative():
+    model = _model(["model.precision=fp16"]).eval()
+    with pytest.raises(ValueError, match=r"model.precision=fp16 needs a CUDA device; use bf16 on the CPU"):
+        model([_data(1)[0][0]])
+
+
+def test_bf16_on_a_cpu_without_bf16_units_warns_once(monkeypatch):
+    import maskrcnn.structures.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: False)
+    precision._warn_emulated_bf16.cache_clear()
+    model = _model(["model.precision=bf16"]).eval()
+    image = torch.rand(3, 64, 80)
+    with pytest.warns(UserWarning, match=r"no bf16 instructions \(avx512_bf16 or AMX\).*slower than float32"):
+        with torch.no_grad():
+            model([image])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            model([image])  # not again
+    precision._warn_emulated_bf16.cache_clear()

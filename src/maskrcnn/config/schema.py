@@ -25,6 +25,7 @@ from maskrcnn.config.choices import (
     NORMS,
     PASTE_STYLES,
     POOLER_TYPES,
+    PRECISIONS,
     RESIZE_STYLES,
     RESNET_DEPTHS,
     SCHEDULES,
@@ -240,6 +241,9 @@ class ModelConfig:
     keypoint_on: bool = False
     box_decode_float32: bool = False  # detectron2 decodes boxes in float32 even in float64 (matters only there)
     channels_last: bool = True  # NHWC feature maps: ~25% faster convolutions on CPU (oneDNN) and tensor cores
+    # inference: the network's layers in bf16 (CPU with bf16 units, or GPU) or fp16 (GPU); box geometry,
+    # NMS and mask pasting stay float32. Training's precision is solver.amp.
+    precision: str = _choice("float32", PRECISIONS, "precision of the network's layers at inference")
     input: InputConfig = field(default_factory=InputConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     fpn: FPNConfig = field(default_factory=FPNConfig)

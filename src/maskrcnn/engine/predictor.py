@@ -64,12 +64,19 @@ class Predictor:
             ``"onnxruntime"`` runs an ONNX file written by ``maskrcnn export``
             (``maskrcnn.export.runtime``), with the same outputs; ``"openvino"`` is refused with
             the reason for now.
+        fast: run the network's layers in bf16 (``model.precision=bf16``): several times faster on
+            a CPU with bf16 units (AMX, avx512_bf16) and on GPUs; geometry stays float32.
     """
 
     def __init__(self, checkpoint: str | Path, device: str = "auto", overrides: Sequence[str] = (),
                  config: str | None = None, classes: str | Path | ClassMap | None = None,
-                 runtime: str | None = None) -> None:
+                 runtime: str | None = None, fast: bool = False) -> None:
         from maskrcnn.config import apply_overrides, get_config
+
+        if fast:
+            if Path(checkpoint).suffix in (".onnx", ".pt2"):
+                raise ValueError(f"fast mode runs a checkpoint in bf16; {checkpoint} is an exported float32 graph")
+            overrides = [*overrides, "model.precision=bf16"]
 
         if classes is not None and not isinstance(classes, ClassMap):
             classes = ClassMap.from_file(classes)

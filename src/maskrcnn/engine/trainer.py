@@ -44,6 +44,7 @@ from maskrcnn.evaluation.coco_eval import format_metrics
 from maskrcnn.interop.torchvision import load_imagenet_backbone
 from maskrcnn.modeling.build import build_model
 from maskrcnn.modeling.norm import FrozenBatchNorm2d
+from maskrcnn.structures.precision import network_precision
 
 
 @dataclass
@@ -324,8 +325,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
     optimizer = torch.optim.SGD(param_groups(model, cfg.solver.weight_decay, cfg.solver.weight_decay_norm),
                                 lr=cfg.solver.base_lr, momentum=cfg.solver.momentum)
     amp = cfg.solver.amp
-    if amp == "fp16" and device.type != "cuda":
-        raise ValueError("solver.amp=fp16 needs a CUDA device; use bf16 on the CPU")
+    network_precision(device, amp, "solver.amp")  # fp16 on the CPU fails here, before any work
     scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
     if ckpt is not None:
         state = load_checkpoint(ckpt)
@@ -391,8 +391,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
             lr = learning_rate(cfg, it)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16,
-                                enabled=bool(amp)):
+            with network_precision(device, amp, "solver.amp"):
                 losses = net(images, targets)
             total = sum(losses.values())
             monitor.add(it, losses)

@@ -129,5 +129,5 @@ def build_model(cfg: Config) -> MaskRCNN:
         roi_heads = heads_cls(box_pooler, box_head, predictor, num_classes=rh.num_classes, mask_pooler=mask_pooler,
                               mask_head=mask_head, **common)
     model = MaskRCNN(preprocess, backbone, rpn, roi_heads, rh.num_classes, rpn_levels, roi_levels, mh.paste_style,
-                     mh.mask_threshold, m.channels_last)
+                     mh.mask_threshold, m.channels_last, m.precision)
     return model.to(memory_format=torch.channels_last) if m.channels_last else model

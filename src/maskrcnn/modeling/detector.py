@@ -18,6 +18,7 @@ from maskrcnn._checks import Checks
 from maskrcnn.modeling.preprocess import ImagePreprocessor
 from maskrcnn.modeling.roi_heads.standard import StandardROIHeads
 from maskrcnn.modeling.rpn import RPN
+from maskrcnn.structures.precision import network_precision
 
 
 class MaskRCNN(nn.Module):
@@ -32,11 +33,15 @@ class MaskRCNN(nn.Module):
         paste_style, mask_threshold: how ``masks`` are produced (see ``paste_masks_in_image``).
         channels_last: run the network on NHWC feature maps (the conv weights should be too:
             ``model.to(memory_format=torch.channels_last)``, as ``build_model`` does).
+        precision: at inference, "float32" (exact), or "bf16"/"fp16": the network's layers under
+            ``torch.autocast``, geometry in float32 (``maskrcnn.structures.precision``). Training's
+            precision is the trainer's (``solver.amp``).
     """
 
     def __init__(self, preprocess: ImagePreprocessor, backbone: nn.Module, rpn: RPN, roi_heads: StandardROIHeads,
                  num_classes: int, rpn_levels: Sequence[int], roi_levels: Sequence[int],
-                 paste_style: str = "detectron2", mask_threshold: float = 0.5, channels_last: bool = False) -> None:
+                 paste_style: str = "detectron2", mask_threshold: float = 0.5, channels_last: bool = False,
+                 precision: str = "float32") -> None:
         super().__init__()
         self.preprocess = preprocess
         self.backbone = backbone
@@ -48,6 +53,7 @@ class MaskRCNN(nn.Module):
         self.paste_style = paste_style
         self.mask_threshold = mask_threshold
         self.channels_last = channels_last
+        self.precision = precision
 
     @property
     def dtype(self) -> torch.dtype:
@@ -69,17 +75,19 @@ class MaskRCNN(nn.Module):
         batch = batch.to(next(self.parameters()).device)
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        features = self.backbone(batch)
-        rpn_feats = [features[i] for i in self.rpn_levels]
-        roi_feats = [features[i] for i in self.roi_levels]
-        if self.training:
-            assert targets is not None
-            targets = [{k: (v.to(batch.device) if hasattr(v, "to") else v) for k, v in t.items()} for t in targets]
-            proposals, losses = self.rpn(rpn_feats, batch.shape[-2:], sizes, targets)
-            _, roi_losses = self.roi_heads(roi_feats, proposals, sizes, targets)
-            losses.update(roi_losses)
-            return losses
-        proposals, _ = self.rpn(rpn_feats, batch.shape[-2:], sizes)
-        dets, _ = self.roi_heads(roi_feats, proposals, sizes)
+        # at inference, model.precision; in training the trainer sets it (solver.amp)
+        with network_precision(batch.device, "float32" if self.training else self.precision, "model.precision"):
+            features = self.backbone(batch)
+            rpn_feats = [features[i] for i in self.rpn_levels]
+            roi_feats = [features[i] for i in self.roi_levels]
+            if self.training:
+                assert targets is not None
+                targets = [{k: (v.to(batch.device) if hasattr(v, "to") else v) for k, v in t.items()} for t in targets]
+                proposals, losses = self.rpn(rpn_feats, batch.shape[-2:], sizes, targets)
+                _, roi_losses = self.roi_heads(roi_feats, proposals, sizes, targets)
+                losses.update(roi_losses)
+                return losses
+            proposals, _ = self.rpn(rpn_feats, batch.shape[-2:], sizes)
+            dets, _ = self.roi_heads(roi_feats, proposals, sizes)
         threshold = self.mask_threshold if self.mask_threshold >= 0 else None
         return self.preprocess.postprocess(dets, sizes, original_sizes, self.paste_style, threshold)

@@ -6,11 +6,16 @@ steps of 4 px, and fp16 overflows at 65504, below the area of a 256 x 256 box (I
 NaN). Anchors, IoUs, box deltas, proposals, NMS, the pooler's RoIs, mask and keypoint targets and
 the decoding of the heads' outputs therefore run in float32, or in float64 when the model itself
 is float64; only the network's layers run in low precision.
+
+``network_precision`` is that low precision switched on for a forward pass: training's
+``solver.amp`` and inference's ``model.precision`` both use it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import warnings
 
 import torch
 from torch import Tensor
@@ -32,3 +37,40 @@ def full_precision(device: torch.device) -> contextlib.AbstractContextManager:
     if torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
+
+
+LOW_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@functools.cache
+def cpu_has_bf16_units() -> bool:
+    """Whether oneDNN finds bf16 instructions (avx512_bf16 or AMX) on this CPU."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
+def network_precision(device: torch.device, mode: str, setting: str) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to ``mode`` ("bf16" or "fp16"; "" or "float32": none) on ``device``.
+
+    ``setting`` names the config key in the messages. fp16 is refused on the CPU (training it needs
+    gradient scaling, which the trainer does on CUDA only; bf16 is the CPU's low precision); bf16
+    on a CPU without bf16 units works but is emulated, slower than float32, and said so.
+    """
+    if mode in ("", "float32"):
+        return contextlib.nullcontext()
+    if mode not in LOW_PRECISION_DTYPES:
+        raise ValueError(f"{setting}={mode}: expected bf16 or fp16")
+    if device.type == "cpu":
+        if mode == "fp16":
+            raise ValueError(f"{setting}=fp16 needs a CUDA device; use bf16 on the CPU")
+        if not cpu_has_bf16_units():
+            _warn_emulated_bf16(setting)
+    return torch.autocast(device.type, dtype=LOW_PRECISION_DTYPES[mode])
+
+
+@functools.cache  # once per process, not at every forward pass
+def _warn_emulated_bf16(setting: str) -> None:
+    warnings.warn(f"{setting}=bf16: this CPU has no bf16 instructions (avx512_bf16 or AMX), so bf16 is emulated "
+                  "and slower than float32; use float32 here", stacklevel=4)
