@@ -409,6 +409,15 @@ def test_eval_with_a_missing_dataset(data, tmp_path, capsys):
     assert_one_line_error(code, err, str(tmp_path / "val.json"))
 
 
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("command", ["eval", "predict", "train"])
+def test_a_cuda_device_on_a_machine_without_cuda(data, tmp_path, capsys, command):
+    argv = _output_argv(command, tmp_path / "out", data)
+    argv += ["--set", "train.device=cuda"] if command == "train" else ["--device", "cuda"]
+    code, err = run(argv, capsys)
+    assert_one_line_error(code, err, "device 'cuda'", "torch.cuda.is_available() is False", "use cpu or auto")
+
 # -- output folders that cannot be made: refused before any work --------------------------------------------
 def _output_argv(command: str, out: Path, data: Path) -> list[str]:
     weights = str(data / "tiny.pth")

@@ -2,6 +2,7 @@
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,16 @@ def test_fast_mode_runs_the_checkpoint_in_bf16_through_eval_and_predict(trained,
     onnx.write_bytes(b"")  # refused before it is read
     with pytest.raises(ValueError, match="fast mode runs a checkpoint in bf16; .*exported float32 graph"):
         Predictor(onnx, "cpu", fast=True)
+
+
+def test_a_read_only_array_is_predicted_without_a_warning(trained):
+    pred = Predictor(trained / "train" / "model_final.pth", "cpu")
+    array = np.asarray(Image.open(trained / "shapes" / "val" / "000000.png"))  # a read-only view of the image
+    assert not array.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = pred(array)
+    torch.testing.assert_close(out["boxes"], pred(np.array(array))["boxes"])
 
 @pytest.mark.numerics
 def test_predictor_accepts_every_image_kind(trained):

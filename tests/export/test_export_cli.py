@@ -4,6 +4,7 @@ torch-free ONNX snippet, and the errors a user can cause."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -38,6 +39,12 @@ def onnx_file(checkpoint):
     assert main(["export", "--weights", str(ckpt), "--output", str(path),
                  "--set", "model.roi_heads.score_thresh=0.0"]) == 0
     return path
+
+
+def test_exported_files_get_the_mode_of_a_plain_file(onnx_file):
+    umask = os.umask(0)
+    os.umask(umask)
+    assert onnx_file.stat().st_mode & 0o777 == 0o666 & ~umask  # readable by a service running as another user
 
 
 def _predictions(folder: Path) -> list[dict]:
@@ -107,6 +114,12 @@ def test_export_errors_name_the_problem(checkpoint, onnx_file, tmp_path, capsys)
     cases = [
         (["export", "--weights", str(ckpt), "--output", str(tmp_path / "missing" / "m.onnx")], "does not exist"),
         (["export", "--weights", str(ckpt), "--output", str(tmp_path)], "is a folder"),
+        (["export", "--weights", str(ckpt), "--output", str(ckpt / "m.onnx")], "is a file, not a folder"),
+        # /sys refuses new files even to root, for whom os.access says yes
+        *([(["export", "--weights", str(ckpt), "--output", "/sys/m.onnx"], "cannot write in the folder /sys")]
+          if Path("/sys").is_dir() else []),
+        (["predict", str(out / "shapes" / "val"), "--weights", str(onnx_file), "--device", "gpu",
+          "--output", str(tmp_path / "p")], "not a device name"),
         (["export", "--weights", str(ckpt), "--output", str(tmp_path / "m.pt2")], "named *.onnx"),
         (["export", "--weights", str(tmp_path / "nope.pth"), "--output", str(tmp_path / "m.onnx")], "nope.pth"),
         (["export", "--weights", str(onnx_file), "--output", str(tmp_path / "m.onnx")], "already exported"),

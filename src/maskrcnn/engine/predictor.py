@@ -18,6 +18,7 @@ from maskrcnn.config import Config, merge
 from maskrcnn.data.coco import ClassMap
 from maskrcnn.data.transforms import load_image
 from maskrcnn.engine.checkpoint import load_checkpoint
+from maskrcnn.engine.device import resolve_device
 from maskrcnn.modeling.build import build_model
 from maskrcnn.modeling.detector import MaskRCNN
 
@@ -41,7 +42,9 @@ def to_image_tensor(image: ImageLike) -> Tensor:
         if image.ndim != 3 or image.shape[2] not in (3, 4):
             raise ValueError(f"an image array must be (H, W, 3) RGB, got shape {image.shape}")
         arr = image[:, :, :3]
-        t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+        # a copy unless writable and contiguous: torch warns about read-only arrays (np.asarray of a PIL image)
+        arr = arr if arr.flags.writeable and arr.flags.c_contiguous else np.array(arr)
+        t = torch.from_numpy(arr).permute(2, 0, 1)
         return t if arr.dtype == np.uint8 else t.float()
     if isinstance(image, Tensor):
         return image
@@ -80,8 +83,7 @@ class Predictor:
 
         if classes is not None and not isinstance(classes, ClassMap):
             classes = ClassMap.from_file(classes)
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                   ("cpu" if device == "auto" else device))
+        self.device = resolve_device(device)
         if Path(checkpoint).suffix in (".onnx", ".pt2"):
             self._load_exported(checkpoint, runtime, overrides, config, classes)
             return

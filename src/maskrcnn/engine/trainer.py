@@ -38,6 +38,7 @@ from maskrcnn.data.build import build_train_dataset, build_val_dataset, dataset_
 from maskrcnn.data.coco import ClassMap, write_skipped
 from maskrcnn.data.loader import training_loader
 from maskrcnn.engine.checkpoint import last_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from maskrcnn.engine.device import resolve_device
 from maskrcnn.evaluation.evaluate import evaluate_model
 from maskrcnn.engine.plot import plot_training
 from maskrcnn.evaluation.coco_eval import format_metrics
@@ -69,9 +70,7 @@ def init_distributed(device_type: str) -> DistInfo:
 
 
 def select_device(name: str, info: DistInfo) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    device = resolve_device(name)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", info.local_rank)
     if device.type == "cuda":

@@ -12,6 +12,7 @@ import copy
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -83,8 +84,15 @@ def check_output_path(path: str | Path) -> Path:
         raise ValueError(f"--output {path} is a folder; give the file to write, e.g. {path / 'model.onnx'}")
     if not path.parent.exists():
         raise ValueError(f"--output {path}: the folder {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK):
-        raise ValueError(f"--output {path}: the folder {path.parent} is not writable")
+    if not path.parent.is_dir():
+        raise ValueError(f"--output {path}: {path.parent} is a file, not a folder")
+    # a file created and removed: os.access says yes to root even where writing fails (/sys, read-only mounts)
+    try:
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"--output {path}: cannot write in the folder {path.parent} ({e.strerror})") from None
     return path
 
 
@@ -123,10 +131,19 @@ def save_program(program: torch.export.ExportedProgram, path: str | Path, format
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        if format == "exported-program":
-            torch.export.save(program, tmp, extra_files={"maskrcnn.json": json.dumps(meta)})
-        else:
-            _write_onnx(program, tmp, meta["outputs"], meta)
+        # torch's own deprecation notices and its note about weights not on the CPU (ours are) say
+        # nothing to the user about the file written
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+            warnings.filterwarnings("ignore", message="No complete tensor found in the group")
+            if format == "exported-program":
+                torch.export.save(program, tmp, extra_files={"maskrcnn.json": json.dumps(meta)})
+            else:
+                _write_onnx(program, tmp, meta["outputs"], meta)
+        # mkstemp makes the file private (0600); give it the mode a plain open() would (0666 less the umask)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
