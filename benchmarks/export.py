@@ -1,5 +1,5 @@
-"""R50-FPN Mask R-CNN inference: torchvision eager vs ours eager, exported (ONNX on onnxruntime,
-ExportedProgram on torch), same weights, same image, same machine, one run.
+"""R50-FPN Mask R-CNN inference: torchvision eager vs ours eager, exported (ONNX on onnxruntime and
+OpenVINO, ExportedProgram on torch), same weights, same image, same machine, one run.
 
     python benchmarks/export.py [--threads 2] [--repeats 3] [--size 800x1066]
     python benchmarks/export.py --checkpoint outputs/demo/train/model_final.pth \
@@ -106,6 +106,7 @@ def main() -> None:
                    "exported-program": _run(dict(common, runtime="eager", export_to=pt2_file, format="exported-program"))}
         outs = {}
         for name, runtime, file in (("ours eager", "eager", None), ("ours onnxruntime", "onnxruntime", onnx_file),
+                                    ("ours openvino", "openvino", onnx_file),
                                     ("ours torch .pt2", "torch", pt2_file)):
             out = str(Path(tmp, f"{runtime}.pt"))
             rows[name] = _run(dict(common, runtime=runtime, file=file, out=out))

@@ -51,8 +51,8 @@ def _predictions(folder: Path) -> list[dict]:
     return sorted(json.loads((folder / "predictions.json").read_text()), key=lambda r: (r["file_name"], -r["score"]))
 
 
-def test_predict_with_onnxruntime_matches_checkpoint(checkpoint, onnx_file):
-    runtime = "onnxruntime"
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_predict_with_runtime_matches_checkpoint(checkpoint, onnx_file, runtime):
     out, ckpt = checkpoint
     images = out / "shapes" / "val"
     assert main(["predict", str(images), "--weights", str(ckpt), "--output", str(out / "eager"), "--score-thresh", "0",
@@ -128,8 +128,6 @@ def test_export_errors_name_the_problem(checkpoint, onnx_file, tmp_path, capsys)
           "--output", str(tmp_path / "p")], "maskrcnn export --weights"),
         (["predict", str(out / "shapes" / "val"), "--weights", str(onnx_file), "--runtime", "torch",
           "--output", str(tmp_path / "p")], "ExportedProgram (.pt2)"),
-        (["predict", str(out / "shapes" / "val"), "--weights", str(onnx_file), "--runtime", "openvino",
-          "--output", str(tmp_path / "p")], "use --runtime onnxruntime"),
     ]
     for argv, words in cases:
         capsys.readouterr()
@@ -157,23 +155,30 @@ def test_exported_model_rejects_wrong_channel_count_and_foreign_files(onnx_file,
     del proto.metadata_props[:]
     foreign = tmp_path / "foreign.onnx"
     onnx.save(proto, str(foreign))
-    with pytest.raises(ValueError, match="not one written by 'maskrcnn export'"):
-        ExportedModel(foreign)
+    for runtime in ("onnxruntime", "openvino"):
+        with pytest.raises(ValueError, match="not one written by 'maskrcnn export'"):
+            ExportedModel(foreign, runtime)
+    with pytest.raises(ValueError, match="use --runtime onnxruntime for CUDA"):
+        ExportedModel(onnx_file, "openvino", device="cuda")
 
 
-def test_missing_extra_names_the_pip_line(checkpoint, tmp_path, monkeypatch, capsys):
+def test_missing_extra_names_the_pip_line(checkpoint, onnx_file, tmp_path, monkeypatch, capsys):
     import importlib
 
-    _, ckpt = checkpoint
+    out, ckpt = checkpoint
     real = importlib.import_module
 
     def fake(name, *args, **kwargs):
-        if name == "onnxscript":
-            raise ImportError("No module named 'onnxscript'")
+        if name in ("onnxscript", "openvino"):
+            raise ImportError(f"No module named {name!r}")
         return real(name, *args, **kwargs)
     monkeypatch.setattr(importlib, "import_module", fake)
     assert main(["export", "--weights", str(ckpt), "--output", str(tmp_path / "m.onnx")]) == 1
     assert "pip install 'maskrcnn[export]'" in capsys.readouterr().err
+    assert main(["predict", str(out / "shapes" / "val"), "--weights", str(onnx_file), "--runtime", "openvino",
+                 "--output", str(tmp_path / "p")]) == 1
+    err = capsys.readouterr().err
+    assert "'openvino'" in err and "pip install 'maskrcnn[export]'" in err and "Traceback" not in err
 
 
 # -- a converted detectron2 checkpoint, against detectron2's own outputs --------------------------

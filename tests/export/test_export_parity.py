@@ -66,6 +66,7 @@ def exported(tmp_path_factory):
             onnx_path = save_program(program, folder / "model.onnx", "onnx", meta)
             pt2_path = save_program(program, folder / "model.pt2", "exported-program", meta)
             cache[name] = (model, {"onnxruntime": ExportedModel(onnx_path, "onnxruntime"),
+                                   "openvino": ExportedModel(onnx_path, "openvino"),
                                    "torch": ExportedModel(pt2_path, "torch")})
         return cache[name]
     return get
@@ -101,8 +102,7 @@ def test_exported_matches_eager_on_other_sizes_and_batches(exported, family):
         eager = [model([image])[0] for image in images]  # a batch pads every image to the largest
         eager_pair = model(images[:2])
     assert sum(e["boxes"].shape[0] > 0 for e in eager) >= 3, "the test model should detect something"
-    for runtime in ("onnxruntime", "torch"):
-        run = runtimes[runtime]
+    for runtime, run in runtimes.items():
         for i, image in enumerate(images):
             assert_same(eager[i], run([image])[0], f"{family}/{runtime} image {tuple(image.shape[1:])}")
         for i, got in enumerate(run(images[:2])):  # one batch of a wide and a tall image
@@ -120,9 +120,10 @@ def test_image_without_detections_gives_empty_outputs(exported, family, tmp_path
         eager_pair = model([scene, blank])
     assert eager["boxes"].shape[0] == 0, "the grey image should give the test model nothing to detect"
     assert eager_scene["boxes"].shape[0] > 0, "the textured image should give the test model detections"
-    assert_same(eager, runtimes["torch"]([blank])[0], f"{family}/torch blank")
-    for i, got in enumerate(runtimes["torch"]([scene, blank])):
-        assert_same(eager_pair[i], got, f"{family}/torch batch with a blank image, image {i}")
+    for runtime in ("torch", "openvino"):
+        assert_same(eager, runtimes[runtime]([blank])[0], f"{family}/{runtime} blank")
+        for i, got in enumerate(runtimes[runtime]([scene, blank])):
+            assert_same(eager_pair[i], got, f"{family}/{runtime} batch with a blank image, image {i}")
     # onnxruntime once died of SIGFPE here (its Einsum with zero RoIs): a child process reports a
     # crash as a failure instead of ending the test session
     torch.save(scene, tmp_path / "scene.pt")

@@ -64,9 +64,8 @@ class Predictor:
         classes: the class names and ids to report instead of the checkpoint's: a :class:`ClassMap`
             or a file (see :meth:`ClassMap.from_file`), with as many classes as the model.
         runtime: ``"torch"`` (the default) runs a checkpoint, or an ExportedProgram (``.pt2``);
-            ``"onnxruntime"`` runs an ONNX file written by ``maskrcnn export``
-            (``maskrcnn.export.runtime``), with the same outputs; ``"openvino"`` is refused with
-            the reason for now.
+            ``"onnxruntime"`` or ``"openvino"`` (CPU) runs an ONNX file written by
+            ``maskrcnn export`` (``maskrcnn.export.runtime``), with the same outputs.
         fast: run the network's layers in bf16 (``model.precision=bf16``): several times faster on
             a CPU with bf16 units (AMX, avx512_bf16) and on GPUs; geometry stays float32.
     """

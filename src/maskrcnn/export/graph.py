@@ -34,6 +34,7 @@ from torch.nn import functional as F
 
 from maskrcnn.export import ops
 from maskrcnn.modeling.detector import MaskRCNN
+from maskrcnn.modeling.preprocess import ImagePreprocessor
 from maskrcnn.modeling.poolers import MultiLevelRoIPooler, assign_boxes_to_levels
 from maskrcnn.modeling.roi_heads.cascade import CascadeROIHeads
 from maskrcnn.modeling.roi_heads.mask_head import mask_probabilities
@@ -52,6 +53,18 @@ def _item(t: Tensor) -> int:
     v = t.item()
     torch._check(v >= 0)
     return v  # type: ignore[return-value]
+
+
+def _length(value: Tensor, limit: int) -> int:
+    """``value`` (0-d, at most ``limit``) as a size the graph computes while it runs: the length of a
+    ``nonzero``. OpenVINO takes a size it can bound by arithmetic on its inputs to be that bound."""
+    return torch.nonzero(torch.arange(limit, device=value.device) < value).shape[0]
+
+
+def _frame_limit(p: ImagePreprocessor) -> int:
+    """The padded frame's largest side: no resized side exceeds ``max_size_test``."""
+    d = max(p.size_divisibility, 1)
+    return -(-p.max_size_test // d) * d
 
 
 def _resized_sizes(sizes: Tensor, min_size: int, max_size: int, style: str) -> Tensor:
@@ -224,7 +237,8 @@ class DeployableDetector(nn.Module):
         new = _resized_sizes(sizes, p.min_size_test, p.max_size_test, p.resize_style)
         d = max(p.size_divisibility, 1)
         frame = ((new.max(dim=0).values + d - 1) // d) * d
-        hb, wb = _item(frame[0]), _item(frame[1])
+        limit = _frame_limit(p)
+        hb, wb = _length(frame[0], limit), _length(frame[1], limit)
         taps = _bilinear_taps if p.resize_style == "torchvision" else _antialias_taps
         x = _resize_axis(x, *taps(sizes[:, 0], new[:, 0], hb), dim=2)
         x = _resize_axis(x, *taps(sizes[:, 1], new[:, 1], wb), dim=3)
@@ -322,7 +336,7 @@ class DeployableDetector(nn.Module):
             det_boxes = det_boxes.gather(1, order[..., None].expand(-1, -1, 4))
             det_scores, labels, found = det_scores.gather(1, order), labels.gather(1, order), found.gather(1, order)
         count = found.sum(1)
-        d = _item(count.max())
+        d = _length(count.max(), limit)
         return det_boxes[:, :d], det_scores[:, :d], labels[:, :d], count
 
     # -- whole graph -----------------------------------------------------------------------------
@@ -356,7 +370,8 @@ class DeployableDetector(nn.Module):
             kb = rois[:, 1:]
             one = kb.new_ones(1)  # the maximum of no boxes is 1 px
             wc, hc = rounded_roi_size(kb)
-            max_w, max_h = _item(torch.cat([wc, one]).max()), _item(torch.cat([hc, one]).max())
+            frame = _frame_limit(self.model.preprocess)  # the boxes lie inside the padded frame
+            max_w, max_h = _length(torch.cat([wc, one]).max(), frame), _length(torch.cat([hc, one]).max(), frame)
             kps, kscores = decode_heatmaps(logits, kb, heads.keypoint_score, max_h, max_w)
             factor = torch.stack([ratio[:, 1], ratio[:, 0], torch.ones_like(ratio[:, 0])], 1)[:, None, None, :]
             # no -1 in these shapes: with no detections onnxruntime would divide by zero inferring it

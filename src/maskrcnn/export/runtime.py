@@ -4,7 +4,7 @@
 and returns, per image, ``boxes (D, 4)``, ``scores``, ``labels`` and, as present, ``masks (D, 1, H, W)``
 (pasted here when the file holds the 28x28 ``mask_probs``), ``keypoints (D, K, 3)`` and
 ``keypoints_scores (D, K)``, as torch tensors. Runtimes: ``"torch"`` (an ExportedProgram),
-``"onnxruntime"`` (an ONNX file); ``"openvino"`` is refused for now (see ``_load_openvino``).
+``"onnxruntime"`` and ``"openvino"`` (an ONNX file; OpenVINO on the CPU only).
 """
 
 from __future__ import annotations
@@ -116,13 +116,29 @@ class ExportedModel:
         return lambda images, sizes: session.run(names, {"images": images, "image_sizes": sizes})
 
     def _load_openvino(self, path: Path, threads: int | None):
-        # OpenVINO (2023.3 to 2026.4 tried) compiles the graph but computes some of its data-dependent
-        # sizes wrongly, so tensors are allocated at gigabytes: e.g. the resize frame's rounding up,
-        # (128 + 31) // 32, came out as 5 instead of 4 once fused with the cast before it, and with
-        # that rewritten in floating point the resize's tap indices went wrong next. Each piece alone
-        # runs right. Refused rather than left to be killed by the OS.
-        raise ValueError("the openvino runtime does not run exported maskrcnn graphs yet (OpenVINO runs out of memory "
-                         "on their data-dependent shapes); use --runtime onnxruntime")
+        ov = require("openvino", "The openvino runtime")
+        if self.device.type != "cpu":
+            raise ValueError(f"the openvino runtime runs on the CPU here, not {self.device}; use --runtime "
+                             "onnxruntime for CUDA")
+        core = ov.Core()
+        model = core.read_model(str(path))
+        key = ["framework", METADATA_KEY]  # where OpenVINO keeps the ONNX file's metadata
+        if not model.has_rt_info(key):
+            raise ValueError(f"{path} is an ONNX file but not one written by 'maskrcnn export' (no '{METADATA_KEY}' "
+                             "metadata)")
+        self.metadata = json.loads(model.get_rt_info(key).astype(str))
+        # float32 throughout: OpenVINO would otherwise run the network in bf16 on CPUs that have it
+        config = {"INFERENCE_PRECISION_HINT": "f32"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        compiled = core.compile_model(model, "CPU", config)
+        names = self.metadata["outputs"]
+
+        def run(images: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
+            out = compiled({"images": images, "image_sizes": sizes})
+            by_name = {port.any_name: value for port, value in out.items()}
+            return [by_name[n] for n in names]
+        return run
 
     # -- inference -------------------------------------------------------------------------------
     def eval(self) -> ExportedModel:
