@@ -59,6 +59,40 @@ def test_train_eval_predict(trained, capsys):
 
 
 
+def test_predict_on_folders_batches_keeps_order_and_names_apart(trained, tmp_path, capsys):
+    ckpt = trained / "train" / "model_final.pth"
+    val = sorted((trained / "shapes" / "val").glob("*.png"))
+    for folder, flip in (("a", False), ("b", True)):  # the same file names in two folders, other pixels
+        (tmp_path / folder).mkdir()
+        for path in val:
+            image = Image.open(path)
+            (image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image).save(tmp_path / folder / path.name)
+    runs = {}
+    for batch in (1, 3):
+        out = tmp_path / f"out{batch}"
+        capsys.readouterr()
+        assert main(["predict", str(tmp_path / "a"), str(tmp_path / "b"), "--weights", str(ckpt), "--output", str(out),
+                     "--score-thresh", "0", "--batch-size", str(batch)]) == 0
+        text = capsys.readouterr().out
+        assert f"{2 * len(val)} images in" in text and "images/s" in text
+        names = sorted(p.name for p in out.glob("*.png"))
+        assert names == sorted(f"{f}_{p.name}" for f in "ab" for p in val)  # none overwritten
+        runs[batch] = json.loads((out / "predictions.json").read_text())
+    one, three = runs[1], runs[3]
+    files = [str(tmp_path / f / p.name) for f in "ab" for p in val]
+    ids = [r["image_id"] for r in one]
+    assert ids == sorted(ids) and {r["file_name"] for r in one} <= set(files)  # in input order
+    for r in one:
+        assert r["file_name"] == files[r["image_id"] - 1]
+    # all images are 96x96, so a batch pads nothing and gives each image's own results
+    assert [(r["image_id"], r["category_id"]) for r in three] == [(r["image_id"], r["category_id"]) for r in one]
+    for a, b in zip(one, three):
+        assert abs(a["score"] - b["score"]) <= 1e-4 and max(abs(x - y) for x, y in zip(a["bbox"], b["bbox"])) <= 1e-3
+    with pytest.raises(SystemExit) as e:
+        main(["predict", str(tmp_path / "a"), "--weights", str(ckpt), "--batch-size", "0"])
+    assert e.value.code == 2 and "at least 1" in capsys.readouterr().err
+
+
 def test_fast_mode_runs_the_checkpoint_in_bf16_through_eval_and_predict(trained, capsys):
     ckpt = trained / "train" / "model_final.pth"
     assert Predictor(ckpt, "cpu", fast=True).model.precision == "bf16"
