@@ -59,10 +59,12 @@ sys.path.insert(0, args["bench_dir"])
 from timing import median_seconds, peak_rss_mb
 import maskrcnn
 from maskrcnn.interop.torchvision import load_torchvision_detection
+from maskrcnn.modeling.inference import prepare_for_inference
 torch.set_num_threads(args["threads"])
 cfg = maskrcnn.get_config("torchvision_maskrcnn_resnet50_fpn", [f"model.roi_heads.score_thresh={args['score_thresh']}",
                                                                f"model.precision={args['precision']}"])
-model = load_torchvision_detection(maskrcnn.build_model(cfg), args["weights"]).eval()
+# as Predictor, eval and predict run it: frozen norms folded once, fast-mode weights stored in bf16
+model = prepare_for_inference(load_torchvision_detection(maskrcnn.build_model(cfg), args["weights"]))
 image = torch.load(args["image"])
 stages = {}
 def timed(name, module):

@@ -42,6 +42,11 @@ def test_detectron2_paste_matches_grid_sample():
     # detectron2 pastes by sampling each pixel centre of the image with grid_sample: do exactly that
     masks, boxes = _masks_and_boxes(20, 70, 90, 1)
     h, w = 70, 90
+    # each mask is computed on its box's window only: windows off the image, or under a pixel wide
+    boxes[0] = torch.tensor([95.0, 10.0, 140.0, 40.0], dtype=torch.float64)  # right of the image
+    boxes[1] = torch.tensor([-50.0, -30.0, -2.0, -1.0], dtype=torch.float64)  # above and left of it
+    boxes[2] = torch.tensor([30.2, 40.1, 30.6, 40.3], dtype=torch.float64)  # inside one pixel
+    boxes[3] = torch.tensor([-10.0, -10.0, 100.0, 80.0], dtype=torch.float64)  # beyond every edge
     ys = torch.arange(h, dtype=torch.float64) + 0.5
     xs = torch.arange(w, dtype=torch.float64) + 0.5
     expected = []
@@ -54,6 +59,7 @@ def test_detectron2_paste_matches_grid_sample():
     ours = paste_masks_in_image(masks, boxes, (h, w), "detectron2", threshold=None)
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-12)
     assert (expected > 0.1).sum() > 1000
+    assert not expected[:2].any() and (expected[3] > 0).all()  # the cases above are what they say
 
 
 def test_paste_is_chunked_and_handles_empty():

@@ -21,6 +21,7 @@ from maskrcnn.engine.checkpoint import load_checkpoint
 from maskrcnn.engine.device import resolve_device
 from maskrcnn.modeling.build import build_model
 from maskrcnn.modeling.detector import MaskRCNN
+from maskrcnn.modeling.inference import prepare_for_inference
 
 ImageLike = str | Path | Image.Image | np.ndarray | Tensor
 
@@ -109,7 +110,7 @@ class Predictor:
                     given.ids, given.names, self.class_map.keypoint_names, self.class_map.skeleton)
             self.model = build_model(self.cfg)
             self.model.load_state_dict(state["model"])
-        self.model.to(self.device).eval()
+        prepare_for_inference(self.model.to(self.device))
 
     def _load_exported(self, path: str | Path, runtime: str | None, overrides: Sequence[str], config: str | None,
                        classes: ClassMap | None) -> None:

@@ -57,7 +57,11 @@ class MaskRCNN(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        """float32, or float64 for a model converted with ``.double()`` (the parity tests): the type
+        of the images and of the geometry. Layer weights kept in bf16/fp16 for the fast mode
+        (``modeling.inference``) run under autocast and do not change it."""
+        dtypes = {p.dtype for p in self.parameters()}
+        return torch.float64 if torch.float64 in dtypes else torch.float32
 
     def forward(self, images: Sequence[Tensor] | Tensor, targets: Sequence[dict] | None = None
                 ) -> list[dict[str, Tensor]] | dict[str, Tensor]:

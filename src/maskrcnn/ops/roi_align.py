@@ -14,7 +14,7 @@ Semantics are exactly those of torchvision's ``roi_align`` (and detectron2's ``R
 How it runs without a compiled kernel: the feature maps of the batch are viewed channels-last as
 one tall image, and every RoI's sampling grid is handed to ``grid_sample`` as its own batch entry
 over an *expanded* (stride-0, never copied) view of that image, so the interpolation runs in
-ATen's vectorised, multi-threaded kernel; ``avg_pool2d`` then averages each bin. Coordinates are
+ATen's vectorised, multi-threaded kernel; a sum over each bin's samples then averages it. Coordinates are
 clamped by hand first (the torchvision rule above) and samples outside are sent far off the map,
 where ``grid_sample``'s zero padding gives exactly 0. The backward pass scatters the bilinear
 weights with ``index_add_`` into a channels-last gradient (autograd through the expanded view
@@ -137,23 +137,30 @@ def _forward(input: Tensor, rois: Tensor, out_hw: tuple[int, int], spatial_scale
         gx = (xs.clamp(0, width - 1) * 2 + 1) / width - 1
         gy = torch.where(vy, gy, _OUTSIDE)
         gx = torch.where(vx, gx, _OUTSIDE)
+        # The grid is laid out (sample in bin, bin) rather than as an image, so that grid_sample's
+        # (NCHW) output is averaged by a sum over its third axis, whose rows are contiguous: 3x
+        # faster than avg_pool2d's 2-D windows over that output, with the same order of additions.
+        kr, (oh, ow), gh, gw = r.shape[0], out_hw, group.gh, group.gw
+        gy = gy.view(kr, oh, gh).transpose(1, 2)[:, :, None, :, None]  # (K, gh, 1, oh, 1)
+        gx = gx.view(kr, ow, gw).transpose(1, 2)[:, None, :, None, :]  # (K, 1, gw, 1, ow)
         count = group.count(input.dtype)
         per_roi = ys.shape[1] * xs.shape[1]
         c_step = c if per_roi * c <= _CHUNK_ELEMENTS else max(1, _CHUNK_ELEMENTS // per_roi)
         k_step = max(1, _CHUNK_ELEMENTS // (per_roi * c_step))
         pieces = []
-        for k0 in range(0, r.shape[0], k_step):
+        for k0 in range(0, kr, k_step):
             sl = slice(k0, k0 + k_step)
-            grid = torch.stack(torch.broadcast_tensors(gx[sl, None, :], gy[sl, :, None]), dim=-1)
+            grid = torch.stack(torch.broadcast_tensors(gx[sl], gy[sl]), dim=-1)
             kk = grid.shape[0]
+            grid = grid.reshape(kk, gh * gw, oh * ow, 2)
             chans = []
             for c0 in range(0, c, c_step):
                 src = tall[:, c0:c0 + c_step].expand(kk, -1, -1, -1)
                 sampled = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+                total = sampled.sum(dim=2).view(kk, -1, oh, ow)
                 if isinstance(count, float):
-                    chans.append(F.avg_pool2d(sampled, (group.gh, group.gw)))
+                    chans.append(total / count)
                 else:
-                    total = F.avg_pool2d(sampled, (group.gh, group.gw), divisor_override=1)
                     chans.append(total / count[sl, None, None, None])
             pieces.append(chans[0] if len(chans) == 1 else torch.cat(chans, dim=1))
         res = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
