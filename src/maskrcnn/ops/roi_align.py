@@ -14,11 +14,11 @@ Semantics are exactly those of torchvision's ``roi_align`` (and detectron2's ``R
 How it runs without a compiled kernel: the feature maps of the batch are viewed channels-last as
 one tall image, and every RoI's sampling grid is handed to ``grid_sample`` as its own batch entry
 over an *expanded* (stride-0, never copied) view of that image, so the interpolation runs in
-ATen's vectorised, multi-threaded kernel; a sum over each bin's samples then averages it. Coordinates are
-clamped by hand first (the torchvision rule above) and samples outside are sent far off the map,
-where ``grid_sample``'s zero padding gives exactly 0. The backward pass scatters the bilinear
-weights with ``index_add_`` into a channels-last gradient (autograd through the expanded view
-would materialise one full feature map per RoI). Work is chunked so temporaries stay bounded.
+ATen's vectorised, multi-threaded kernel; a sum over each bin's samples then averages it.
+Coordinates are clamped by hand first (the torchvision rule above) and samples outside are sent far
+off the map, where ``grid_sample``'s zero padding gives exactly 0. The backward pass scatters the
+bilinear weights with ``index_add_`` into a channels-last gradient (autograd through the expanded
+view would materialise one full feature map per RoI). Work is chunked so temporaries stay bounded.
 """
 
 from __future__ import annotations
