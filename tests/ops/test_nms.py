@@ -136,6 +136,23 @@ def test_batched_is_per_group_nms(schedule):
     assert torch.all(scores[keep][:-1] >= scores[keep][1:])
 
 
+@pytest.mark.parametrize("groups", [None, 5, 80])
+def test_max_kept_is_the_head_of_the_full_result(groups, schedule):
+    # max_kept stops early on the CPU (the RPN's and the box head's top-k); whatever it visits,
+    # it must return exactly the first max_kept boxes of the full run, ties included
+    g = torch.Generator().manual_seed(3)
+    for n, thr, seed, clustered in [(3000, 0.7, 21, True), (2500, 0.5, 22, True), (600, 0.3, 23, False)]:
+        boxes, scores = random_boxes(n, seed, clustered=clustered)
+        scores = (scores * 50).floor() / 50  # many ties
+        idxs = None if groups is None else torch.randint(0, groups, (n,), generator=g)
+        full = nms(boxes, scores, thr) if idxs is None else batched_nms(boxes, scores, idxs, thr)
+        assert 130 < full.numel() < n, full.numel()
+        for k in (0, 1, 7, 128, 129, 500, full.numel(), n + 5):
+            got = (nms(boxes, scores, thr, max_kept=k) if idxs is None
+                   else batched_nms(boxes, scores, idxs, thr, max_kept=k))
+            assert torch.equal(got, full[:k]), (n, thr, groups, k)
+
+
 def test_ties_keep_the_lower_index_first(schedule):
     box = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
     boxes = box.repeat(3, 1)
@@ -158,6 +175,9 @@ def test_threshold_is_strict_and_exact(schedule):
 
 def test_bad_input_is_named():
     boxes, scores = random_boxes(5, 0)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="max_kept"):
+            nms(boxes, scores, 0.5, max_kept=bad)
     with pytest.raises(ValueError, match=r"`boxes` must have shape \(\*, 4\)"):
         nms(boxes[:, :3], scores, 0.5)
     with pytest.raises(ValueError, match=r"`scores` must have shape \(5\)"):

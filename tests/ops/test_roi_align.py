@@ -1,11 +1,19 @@
-"""roi_align: parity with torchvision's compiled kernel, hand-computed cases, input checks."""
+"""roi_align: parity with torchvision's compiled kernel, hand-computed cases, input checks.
 
+The backward pass has two schedules, both checked on the CPU: per window of the map (the CPU's)
+and per sample corner (other devices'); ``_WINDOWS_ON`` picks them.
+"""
+
+import importlib
 import itertools
 
 import pytest
 import torch
 
 from maskrcnn.ops import RoIAlign, roi_align
+
+roi_align_module = importlib.import_module("maskrcnn.ops.roi_align")  # `maskrcnn.ops.roi_align` is the function
+SCHEDULES = {"windows": ("cpu",), "corners": ()}
 
 TV_SCRIPT = """
 import torchvision
@@ -72,9 +80,11 @@ def _ours(case):
 def test_matches_torchvision(reference, dtype, tol):
     cases = _cases(dtype)
     ref = reference(TV_SCRIPT, {"cases": cases})["res"]
-    for case, r in zip(cases, ref):
-        out, grad = _ours(case)
-        label = {k: case[k] for k in ("output_size", "spatial_scale", "sampling_ratio", "aligned")}
+    for (case, r), schedule in itertools.product(zip(cases, ref), SCHEDULES):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(roi_align_module, "_WINDOWS_ON", SCHEDULES[schedule])
+            out, grad = _ours(case)
+        label = {k: case[k] for k in ("output_size", "spatial_scale", "sampling_ratio", "aligned")} | {"schedule": schedule}
         assert out.shape == r["out"].shape, label
         torch.testing.assert_close(out, r["out"], rtol=0, atol=tol, msg=lambda m: f"forward {label}: {m}")
         torch.testing.assert_close(grad, r["grad"], rtol=0, atol=tol, msg=lambda m: f"backward {label}: {m}")
@@ -156,7 +166,31 @@ def test_bad_output_size_and_device_mismatch():
             roi_align(x.cuda(), rois, 2)
 
 
-def test_gradcheck_float64():
+def test_backward_schedules_agree_on_proposal_like_rois():
+    # FPN-level maps and proposals of the sizes a level gets (the windows' common case), plus big
+    # sparsely sampled RoIs (a chunk of those goes through the corners), several images, both rules
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 16, 40, 52, generator=g, dtype=torch.float64)
+    wh = torch.rand(90, 2, generator=g, dtype=torch.float64) * 100 + 2
+    wh[::9] *= 3
+    xy = torch.rand(90, 2, generator=g, dtype=torch.float64) * 200 - 20
+    rois = torch.cat([torch.randint(0, 3, (90, 1), generator=g).double(), xy, xy + wh], 1)
+    grad_out = torch.randn(90, 16, 14, 14, generator=g, dtype=torch.float64)
+    for aligned, sr in [(False, 2), (True, 0), (False, 1)]:
+        grads = []
+        for schedule in SCHEDULES.values():
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(roi_align_module, "_WINDOWS_ON", schedule)
+                t = x.clone().requires_grad_(True)
+                roi_align(t, rois, 14, 0.25, sr, aligned).backward(grad_out)
+                grads.append(t.grad)
+        torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-10)
+        assert (grads[0] != 0).float().mean() > 0.3
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_gradcheck_float64(schedule, monkeypatch):
+    monkeypatch.setattr(roi_align_module, "_WINDOWS_ON", SCHEDULES[schedule])
     g = torch.Generator().manual_seed(3)
     x = torch.randn(1, 2, 6, 7, generator=g, dtype=torch.float64, requires_grad=True)
     rois = torch.tensor([[0, 0.3, 0.7, 4.2, 5.1], [0, -1.5, 2.0, 9.0, 4.4]], dtype=torch.float64)

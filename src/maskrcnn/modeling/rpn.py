@@ -144,7 +144,7 @@ class RPN(nn.Module):
                 if self.nms_on_probability:
                     s = prob
             b, s, lv = b[keep], s[keep], lv[keep]
-            keep = batched_nms_unchecked(b, s, lv, self.nms_thresh)[:post]
+            keep = batched_nms_unchecked(b, s, lv, self.nms_thresh, max_kept=post)
             out.append(b[keep])
         return out
 

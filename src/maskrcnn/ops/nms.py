@@ -21,6 +21,13 @@ Two schedules, chosen by device, give the same result:
   output's shape needs anyway). If a block did not settle (a long suppression chain, rare) the
   sweep runs again with a larger budget; one round per box of the block is always exact.
 
+With ``max_kept`` (the RPN keeps its top proposals, the box head its top detections), the CPU
+visits the boxes in global score order and stops at the block where the count is reached
+(``_nms_first_kept``): a box's fate depends only on the boxes before it, so the first ``max_kept``
+kept boxes are exactly those of the full run. Each block is checked against the boxes kept so far
+rather than every later box against each block, so the boxes after the stop are never touched: in
+RPN training (thousands of candidates, threshold 0.7, a few hundred kept) this is most of the work.
+
 Ties in score: boxes are visited in descending score and, among equal scores, in ascending index
 (a stable sort). This is the order torchvision's CPU kernel uses as well.
 """
@@ -69,6 +76,49 @@ def _suppressed_by(kept: Tensor, cand: Tensor, threshold: float) -> Tensor:
     return (pairwise_iou(kept, cand) > threshold).any(0)
 
 
+def _settle(overlap: Tensor, alive: Tensor) -> Tensor:
+    """Greedy NMS inside a block: ``overlap[j, i]`` (j < i) and the boxes no earlier block removed."""
+    keep = alive
+    while True:
+        new = alive & ~(overlap & keep[:, None]).any(0)
+        if torch.equal(new, keep):
+            return keep
+        keep = new
+
+
+def _nms_first_kept(boxes: Tensor, groups: Tensor | None, threshold: float, max_kept: int) -> Tensor:
+    """The first ``max_kept`` positions ``_nms_sorted`` keeps, for boxes sorted by descending score
+    only (groups in any order): blocks in score order until that many are kept."""
+    n = boxes.shape[0]
+    kept_parts: list[Tensor] = []
+    kept_boxes, kept_groups = boxes[:0], None if groups is None else groups[:0]
+    count = 0
+    for s in range(0, n, _BLOCK):
+        e = min(s + _BLOCK, n)
+        blk = boxes[s:e]
+        overlap = pairwise_iou(blk, blk) > threshold
+        alive = torch.ones(e - s, dtype=torch.bool, device=boxes.device)
+        if count:
+            hit = pairwise_iou(kept_boxes, blk) > threshold
+            if groups is not None:
+                hit &= kept_groups[:, None] == groups[None, s:e]
+            alive = ~hit.any(0)
+        if groups is not None:
+            overlap &= groups[s:e, None] == groups[None, s:e]
+        keep = _settle(overlap.triu_(1), alive)  # overlap[j, i] for j < i: j may suppress i
+        idx = torch.nonzero(keep)[:, 0]
+        kept_parts.append(idx + s)
+        count += idx.numel()
+        if count >= max_kept:
+            break
+        kept_boxes = torch.cat([kept_boxes, blk[idx]])
+        if groups is not None:
+            kept_groups = torch.cat([kept_groups, groups[s:e][idx]])
+    if not kept_parts:
+        return torch.empty(0, dtype=torch.long, device=boxes.device)
+    return torch.cat(kept_parts)[:max_kept]
+
+
 def _nms_compacting(boxes: Tensor, groups: Tensor | None, threshold: float) -> Tensor:
     """``_nms_sorted`` with suppressed boxes dropped after each block: a host read per block round."""
     n = boxes.shape[0]
@@ -82,12 +132,7 @@ def _nms_compacting(boxes: Tensor, groups: Tensor | None, threshold: float) -> T
             g = groups[blk_idx]
             overlap &= g[:, None] == g[None, :]
         overlap.triu_(1)  # overlap[j, i] for j < i: j comes first, so j may suppress i
-        keep = torch.ones(blk_idx.shape[0], dtype=torch.bool, device=boxes.device)
-        while True:
-            new = ~(overlap & keep[:, None]).any(0)
-            if torch.equal(new, keep):
-                break
-            keep = new
+        keep = _settle(overlap, torch.ones(blk_idx.shape[0], dtype=torch.bool, device=boxes.device))
         kept_idx = blk_idx[keep]
         kept_parts.append(kept_idx)
         rest = alive[blk_idx.shape[0]:]
@@ -181,40 +226,55 @@ def _work_dtype(boxes: Tensor) -> Tensor:
     return boxes if boxes.dtype in (torch.float32, torch.float64) else boxes.float()
 
 
-def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+def _check_max_kept(fn: str, max_kept: int | None) -> None:
+    if max_kept is not None and (isinstance(max_kept, bool) or not isinstance(max_kept, int) or max_kept < 0):
+        raise ValueError(f"{fn}: `max_kept` must be None or an integer >= 0, got {max_kept!r}")
+
+
+def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, *, max_kept: int | None = None) -> Tensor:
     """Greedy NMS (same signature and result as ``torchvision.ops.nms``).
 
     ``boxes: (N, 4)`` XYXY float, ``scores: (N,)``; discards boxes with IoU > ``iou_threshold`` with a
-    higher-scoring kept box. Returns int64 indices of the kept boxes by descending score.
+    higher-scoring kept box. Returns int64 indices of the kept boxes by descending score; with
+    ``max_kept``, only the first that many (the same as truncating the full result, but faster).
     """
     _check_nms_args("nms", boxes, scores, iou_threshold)
-    boxes = _work_dtype(boxes)
-    order = torch.sort(scores, descending=True, stable=True).indices
-    keep = _nms_sorted(boxes[order], None, _threshold_for(boxes.dtype, iou_threshold))
-    return order[keep]
+    _check_max_kept("nms", max_kept)
+    return batched_nms_unchecked(_work_dtype(boxes), scores, None, iou_threshold, max_kept=max_kept)
 
 
-def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, *,
+                max_kept: int | None = None) -> Tensor:
     """NMS applied independently per value of ``idxs: (N,)`` (a class or an FPN level).
 
     Same signature and result as ``torchvision.ops.batched_nms``: int64 indices of the kept boxes by
     descending score (ties by ascending index). Boxes of different groups never suppress each
-    other; unlike the coordinate-offset trick, this costs no floating-point precision.
+    other; unlike the coordinate-offset trick, this costs no floating-point precision. ``max_kept``
+    as in ``nms``.
     """
     _check_nms_args("batched_nms", boxes, scores, iou_threshold)
     check_tensor("batched_nms", "idxs", idxs, shape=(boxes.shape[0],))
     check_same_device("batched_nms", boxes=boxes, idxs=idxs)
     if idxs.is_floating_point() or idxs.is_complex():
         raise TypeError(f"batched_nms: `idxs` must be an integer tensor, got {idxs.dtype}")
-    return batched_nms_unchecked(_work_dtype(boxes), scores, idxs, iou_threshold)
+    _check_max_kept("batched_nms", max_kept)
+    return batched_nms_unchecked(_work_dtype(boxes), scores, idxs, iou_threshold, max_kept=max_kept)
 
 
-def batched_nms_unchecked(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
-    """``batched_nms`` without argument validation, for boxes the model produced itself."""
-    if boxes.shape[0] == 0:
+def batched_nms_unchecked(boxes: Tensor, scores: Tensor, idxs: Tensor | None, iou_threshold: float, *,
+                          max_kept: int | None = None) -> Tensor:
+    """``batched_nms`` (``idxs=None``: ``nms``) without argument validation, for boxes the model
+    produced itself."""
+    if boxes.shape[0] == 0 or max_kept == 0:
         return torch.empty(0, dtype=torch.long, device=boxes.device)
+    threshold = _threshold_for(boxes.dtype, iou_threshold)
     order = torch.sort(scores, descending=True, stable=True).indices
+    if max_kept is not None and max_kept < boxes.shape[0] and boxes.device.type in _COMPACT_ON:
+        # score order across groups, so that the first max_kept kept boxes come first
+        return order[_nms_first_kept(boxes[order], None if idxs is None else idxs[order], threshold, max_kept)]
+    if idxs is None:
+        return order[_nms_sorted(boxes[order], None, threshold)][:max_kept]
     order = order[torch.sort(idxs[order], stable=True).indices]  # group-major, score-descending within
-    kept = order[_nms_sorted(boxes[order], idxs[order], _threshold_for(boxes.dtype, iou_threshold))]
+    kept = order[_nms_sorted(boxes[order], idxs[order], threshold)]
     kept = kept.sort().values  # ascending index, so the stable score sort breaks ties by index
-    return kept[torch.sort(scores[kept], descending=True, stable=True).indices]
+    return kept[torch.sort(scores[kept], descending=True, stable=True).indices][:max_kept]

@@ -18,7 +18,9 @@ ATen's vectorised, multi-threaded kernel; a sum over each bin's samples then ave
 Coordinates are clamped by hand first (the torchvision rule above) and samples outside are sent far
 off the map, where ``grid_sample``'s zero padding gives exactly 0. The backward pass scatters the
 bilinear weights with ``index_add_`` into a channels-last gradient (autograd through the expanded
-view would materialise one full feature map per RoI). Work is chunked so temporaries stay bounded.
+view would materialise one full feature map per RoI): on a CPU per cell of each RoI's window of
+the map, after two small matmuls (``_backward_windows``); elsewhere per sample corner, with no
+host read. Work is chunked so temporaries stay bounded.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ from maskrcnn.ops._rois import check_rois
 _CHUNK_ELEMENTS = 1 << 22
 # Where samples outside the feature map are sent so that zero padding returns exactly 0.
 _OUTSIDE = -10.0
+# Devices where the backward pass reads window sizes back to the host (free there) to scatter
+# per window cell instead of per sample corner.
+_WINDOWS_ON = ("cpu",)
 
 
 def _axis_samples(start: Tensor, length: Tensor, bins: int, grid: int, own: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -184,10 +189,82 @@ def _corners(coords: Tensor, valid: Tensor, size: int) -> tuple[Tensor, Tensor, 
     return low, high, w_low, w_high
 
 
+def _window(low: Tensor, high: Tensor, valid: Tensor) -> tuple[Tensor, int]:
+    """Along one axis, the first map cell each RoI's samples touch ``(K,)`` and the chunk's largest
+    number of cells touched (one host read: free on a CPU)."""
+    big = torch.iinfo(low.dtype).max
+    origin = torch.where(valid, low, big).amin(1)
+    origin = torch.where(origin == big, 0, origin)
+    return origin, int((torch.where(valid, high, 0) - origin[:, None]).amax().clamp(min=0)) + 1
+
+
+def _bin_weights(corners: tuple[Tensor, Tensor, Tensor, Tensor], valid: Tensor, origin: Tensor, extent: int,
+                 bins: int, grid: int) -> Tensor:
+    """Along one axis, each RoI's bilinear weights summed per bin onto its window: ``(K, bins, extent)``."""
+    low, high, w_low, w_high = corners
+    k, s = low.shape
+    weights = w_low.new_zeros((k, s, extent))
+    # invalid samples weigh 0 wherever they land; put them at the window's origin
+    weights.scatter_add_(2, torch.where(valid, low - origin[:, None], 0)[..., None], w_low[..., None])
+    weights.scatter_add_(2, torch.where(valid, high - origin[:, None], 0)[..., None], w_high[..., None])
+    return weights.view(k, bins, grid, extent).sum(2)
+
+
+def _backward_windows(acc: Tensor, g: Tensor, base: Tensor, scale: Tensor | float, ys: Tensor, xs: Tensor,
+                      vy: Tensor, vx: Tensor, gh: int, gw: int, height: int, width: int) -> None:
+    """Adds one chunk's gradient to ``acc`` through each RoI's window of the map (the CPU's way).
+
+    The gradient of a bin is the same for all its samples, so the bilinear weights are first summed
+    per bin along each axis; the window then receives ``Wy^T grad Wx`` (two batched matmuls, laid
+    out so the result is already the scatter's contiguous rows), and one row per window cell is
+    scattered instead of four per sample: fewer rows, no strided copies (what costs on a CPU), the
+    same sums in another order. A chunk whose windows hold more cells than its samples have corners
+    (big RoIs sampled sparsely) goes through the corners instead.
+    """
+    kk, oh, ow, c = g.shape
+    cy = _corners(ys, vy.to(ys.dtype), height)
+    cx = _corners(xs, vx.to(xs.dtype), width)
+    y0, hw = _window(cy[0], cy[1], vy)
+    x0, ww = _window(cx[0], cx[1], vx)
+    if hw * ww > 4 * ys.shape[1] * xs.shape[1]:
+        _backward_corners(acc, g, base, scale, ys, xs, vy, vx, gh, gw, height, width)
+        return
+    wy = _bin_weights(cy, vy, y0, hw, oh, gh)  # (K, oh, hw)
+    wx = _bin_weights(cx, vx, x0, ww, ow, gw)  # (K, ow, ww)
+    wy = wy * (scale if isinstance(scale, float) else scale.view(-1, 1, 1))
+    # along x, per bin row: (K, oh, ww, C); then along y: (K, hw, ww*C), rows of the scatter in order
+    along_x = torch.matmul(wx.transpose(1, 2).to(g.dtype)[:, None], g)
+    win = torch.bmm(wy.transpose(1, 2).to(g.dtype), along_x.reshape(kk, oh, ww * c))
+    # window cells past the map's edge carry zero weight: clamped, they add 0 to an edge cell
+    rows = (y0[:, None] + torch.arange(hw, device=g.device)).clamp_(max=height - 1)
+    cols = (x0[:, None] + torch.arange(ww, device=g.device)).clamp_(max=width - 1)
+    idx = base[:, None, None] + rows[:, :, None] * width + cols[:, None, :]
+    acc.index_add_(0, idx.reshape(-1), win.reshape(-1, c))
+
+
+def _backward_corners(acc: Tensor, g: Tensor, base: Tensor, scale: Tensor | float, ys: Tensor, xs: Tensor,
+                      vy: Tensor, vx: Tensor, gh: int, gw: int, height: int, width: int) -> None:
+    """Adds one chunk's gradient to ``acc``: each sample's four bilinear corners scattered (no host
+    read: the GPU's way, where the scatter runs in parallel)."""
+    kk, oh, ow, c = g.shape
+    y_lo, y_hi, wy_lo, wy_hi = _corners(ys, vy.to(ys.dtype), height)
+    x_lo, x_hi, wx_lo, wx_hi = _corners(xs, vx.to(xs.dtype), width)
+    sy, sx = ys.shape[1], xs.shape[1]
+    # every sample of bin (ph, pw) receives grad[ph, pw] / count
+    gs = g[:, :, None, :, None, :].expand(kk, oh, gh, ow, gw, c).reshape(kk, sy, sx, c)
+    scale = scale if isinstance(scale, float) else scale.view(-1, 1, 1)
+    for yi, wy in ((y_lo, wy_lo), (y_hi, wy_hi)):
+        for xi, wx in ((x_lo, wx_lo), (x_hi, wx_hi)):
+            idx = base[:, None, None] + yi[:, :, None] * width + xi[:, None, :]
+            w = (wy[:, :, None] * wx[:, None, :]) * scale
+            acc.index_add_(0, idx.reshape(-1), (gs * w[..., None]).reshape(-1, c))
+
+
 def _backward(grad: Tensor, rois: Tensor, input_shape: torch.Size, out_hw: tuple[int, int], spatial_scale: float,
               aligned: bool, groups: list[_Group]) -> Tensor:
     n, c, height, width = input_shape
     acc = grad.new_zeros((n * height * width, c))  # channels-last rows of the (N, C, H, W) gradient
+    add = _backward_windows if grad.device.type in _WINDOWS_ON else _backward_corners
     if rois.shape[0] and c:
         grad_cl = grad.permute(0, 2, 3, 1)  # (K, out_h, out_w, C)
         base = rois[:, 0].long() * (height * width)
@@ -196,25 +273,12 @@ def _backward(grad: Tensor, rois: Tensor, input_shape: torch.Size, out_hw: tuple
                 continue
             r, g, b = group.take(rois), group.take(grad_cl), group.take(base)
             ys, xs, vy, vx = _samples(group, r, spatial_scale, out_hw, aligned, height, width)
-            y_lo, y_hi, wy_lo, wy_hi = _corners(ys, vy.to(ys.dtype), height)
-            x_lo, x_hi, wx_lo, wx_hi = _corners(xs, vx.to(xs.dtype), width)
-            count = group.count(grad.dtype)
-            inv = (1.0 / count) if isinstance(count, float) else (1.0 / count)[:, None, None]
-            sy, sx = ys.shape[1], xs.shape[1]
-            k_step = max(1, _CHUNK_ELEMENTS // (sy * sx * c))
+            inv = 1.0 / group.count(grad.dtype)
+            k_step = max(1, _CHUNK_ELEMENTS // (ys.shape[1] * xs.shape[1] * c))
             for k0 in range(0, r.shape[0], k_step):
                 sl = slice(k0, k0 + k_step)
-                gk = g[sl]
-                kk = gk.shape[0]
-                # every sample of bin (ph, pw) receives grad[ph, pw] / count
-                gs = gk[:, :, None, :, None, :].expand(kk, out_hw[0], group.gh, out_hw[1], group.gw, c)
-                gs = gs.reshape(kk, sy, sx, c)
-                scale = inv if isinstance(inv, float) else inv[sl]
-                for yi, wy in ((y_lo[sl], wy_lo[sl]), (y_hi[sl], wy_hi[sl])):
-                    for xi, wx in ((x_lo[sl], wx_lo[sl]), (x_hi[sl], wx_hi[sl])):
-                        idx = b[sl, None, None] + yi[:, :, None] * width + xi[:, None, :]
-                        w = (wy[:, :, None] * wx[:, None, :]) * scale
-                        acc.index_add_(0, idx.reshape(-1), (gs * w[..., None]).reshape(-1, c))
+                add(acc, g[sl], b[sl], inv if isinstance(inv, float) else inv[sl], ys[sl], xs[sl], vy[sl], vx[sl],
+                    group.gh, group.gw, height, width)
     return acc.reshape(n, height, width, c).permute(0, 3, 1, 2)
 
 

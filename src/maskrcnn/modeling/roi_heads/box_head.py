@@ -123,7 +123,7 @@ def detections_from_predictions(class_logits: Tensor, deltas: Tensor, proposals:
         if min_size >= 0:
             keep &= ((boxes[:, 2] - boxes[:, 0]) >= min_size) & ((boxes[:, 3] - boxes[:, 1]) >= min_size)
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        keep = batched_nms_unchecked(boxes, scores, labels, nms_thresh)[:max_detections]
+        keep = batched_nms_unchecked(boxes, scores, labels, nms_thresh, max_kept=max_detections)
         if drop_empty:
             keep = keep[nonempty(boxes[keep])]
         out.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
