@@ -1,13 +1,15 @@
 """R50-FPN Mask R-CNN training step on the CPU, ours vs torchvision's, same weights and batch, one run.
 
-    python benchmarks/train.py [--threads 2] [--steps 4] [--size 512] [--batch 2]
+    python benchmarks/train.py [--threads 2] [--steps 4] [--size 512] [--batch 2] [--no-bf16]
 
 torchvision's ``maskrcnn_resnet50_fpn`` (frozen-BN ResNet-50 trunk, stem and res2 frozen: its
 default ``trainable_backbone_layers=3``) is built with seeded random weights in the reference
 environment; its state dict is converted into our ``torchvision_maskrcnn_resnet50_fpn`` preset
 (the same freezing). Both train on the same batch of images resized to ``--size`` (shortest side)
 with boxes, labels and full-image masks; a step is forward + backward + SGD update. Each side runs
-in its own process; the median seconds per step after one warm-up step are compared.
+in its own process; the median seconds per step after one warm-up step are compared. Ours also runs
+with ``solver.amp=bf16`` (bf16 autocast for the network's layers, geometry in float32), the
+fast training mode on a CPU with bf16 units, again against torchvision's float32 step.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0
 times = []
 for _ in range(STEP_COUNT + 1):
     t = time.perf_counter()
-    losses = model(IMAGES, TARGETS)
+    with PRECISION:
+        losses = model(IMAGES, TARGETS)
     opt.zero_grad()
     sum(losses.values()).backward()
     opt.step()
@@ -40,7 +43,7 @@ seconds = statistics.median(times[1:])
 """
 
 TORCHVISION = """
-import resource, statistics, time
+import contextlib, resource, statistics, time
 from torchvision.models import resnet50
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
@@ -52,6 +55,7 @@ randomize_norms(model, 0)
 torch.save(model.state_dict(), inputs["weights"])
 model.train()
 STEP_COUNT, IMAGES, TARGETS = inputs["steps"], inputs["images"], inputs["targets"]
+PRECISION = contextlib.nullcontext()
 """ + STEPS + """
 outputs["seconds"] = seconds
 outputs["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -62,6 +66,7 @@ import json, resource, statistics, sys, time
 import torch
 import maskrcnn
 from maskrcnn.interop.torchvision import load_torchvision_detection
+from maskrcnn.structures.precision import network_precision
 args = json.loads(sys.argv[1])
 torch.set_num_threads(args["threads"])
 size = args["size"]
@@ -70,6 +75,7 @@ cfg = maskrcnn.get_config("torchvision_maskrcnn_resnet50_fpn", [
 model = load_torchvision_detection(maskrcnn.build_model(cfg), args["weights"]).train()
 data = torch.load(args["data"])
 STEP_COUNT, IMAGES, TARGETS = args["steps"], data["images"], data["targets"]
+PRECISION = network_precision(torch.device("cpu"), args["amp"], "solver.amp")
 """ + STEPS + """
 print(json.dumps({"seconds": seconds, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
@@ -98,6 +104,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--size", type=int, default=512, help="shortest side of the training images")
     ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 (solver.amp=bf16) row")
     args = ap.parse_args()
     images, targets = batch(args.batch, args.size, int(args.size * 4 / 3))
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,20 +112,23 @@ def main() -> None:
         torch.save({"images": images, "targets": targets}, data)
         tv = run_reference(TORCHVISION, dict(images=images, targets=targets, size=args.size, steps=args.steps,
                                              weights=str(weights)), threads=args.threads, timeout=3600)
-        proc = subprocess.run([sys.executable, "-c", OURS, json.dumps(dict(
-            threads=args.threads, steps=args.steps, weights=str(weights), data=str(data), size=args.size))],
-            capture_output=True, text=True)
-        if proc.returncode:
-            raise SystemExit(proc.stderr)
-        ours = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows = {}
+        for amp in [""] + ([] if args.no_bf16 else ["bf16"]):
+            proc = subprocess.run([sys.executable, "-c", OURS, json.dumps(dict(
+                threads=args.threads, steps=args.steps, weights=str(weights), data=str(data), size=args.size,
+                amp=amp))], capture_output=True, text=True)
+            if proc.returncode:
+                raise SystemExit(proc.stderr)
+            rows["ours, bf16" if amp else "ours"] = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"torch {torch.__version__} vs torchvision (torch 2.14.1), {args.threads} threads, batch {args.batch} "
           f"of {args.size}x{int(args.size * 4 / 3)}, median of {args.steps} steps (forward+backward+SGD)")
-    print(f"| {'':<12} | {'s/step':>7} | {'peak RSS MB':>11} |")
-    print(f"|{'-' * 14}|{'-' * 9}|{'-' * 13}|")
-    print(f"| {'ours':<12} | {ours['seconds']:>7.3f} | {ours['rss_mb']:>11.0f} |")
-    print(f"| {'torchvision':<12} | {tv['seconds']:>7.3f} | {tv['rss_mb']:>11.0f} |")
-    print(f"ratio ours/torchvision: {ours['seconds'] / tv['seconds']:.3f} (time), "
-          f"{ours['rss_mb'] / tv['rss_mb']:.3f} (peak RSS)")
+    print(f"| {'':<12} | {'s/step':>7} | {'peak RSS MB':>11} | {'time / torchvision':>18} |")
+    print(f"|{'-' * 14}|{'-' * 9}|{'-' * 13}|{'-' * 20}|")
+    for name, r in {**rows, "torchvision": tv}.items():
+        print(f"| {name:<12} | {r['seconds']:>7.3f} | {r['rss_mb']:>11.0f} | {r['seconds'] / tv['seconds']:>18.3f} |")
+    for name, r in rows.items():
+        print(f"ratio {name}/torchvision: {r['seconds'] / tv['seconds']:.3f} (time), "
+              f"{r['rss_mb'] / tv['rss_mb']:.3f} (peak RSS)")
 
 
 if __name__ == "__main__":
