@@ -506,6 +506,21 @@ def test_a_16_bit_image_is_scaled_not_clipped(tmp_path):
     assert to_image_tensor(tmp_path / "a.png").unique().tolist() == [128]  # round(32768 * 255 / 65535)
 
 
+def test_files_in_a_folder_that_are_not_images_are_counted(data, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    _image(folder / "a.png")
+    Image.new("RGB", (W, H)).save(folder / "b.gif")  # an image, but not one of the suffixes read
+    (folder / "notes.txt").write_text("not an image")
+    (folder / ".DS_Store").write_bytes(b"\0")  # hidden files are nobody's images: not counted
+    code, err = run(["predict", str(folder), "-w", str(data / "tiny.pth"), "--output", str(tmp_path / "out")], capsys)
+    assert code == 0
+    lines = stderr_lines(err)
+    assert len(lines) == 1 and lines[0].startswith("left out 2 files that are not .jpg/") and \
+        lines[0].endswith(": b.gif, notes.txt"), err
+    assert [p.name for p in (tmp_path / "out").glob("*.png")] == ["a.png"]
+
+
 @pytest.mark.parametrize("on_bad_sample", ["error", "skip"])
 def test_an_image_of_another_size_than_its_json_says(data, tmp_path, capsys, on_bad_sample):
     d = copy.deepcopy(_coco())

@@ -13,6 +13,8 @@ from maskrcnn import __version__
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 FAST_HELP = ("fast mode: the network's layers in bf16 (--set model.precision=bf16), for a CPU with bf16 units "
              "(AMX or avx512_bf16) or a GPU; boxes, NMS and masks stay float32")
+RUNTIME_HELP = ("torch (default for checkpoints and .pt2), onnxruntime (default for .onnx) or openvino (.onnx, "
+                "CPU): --weights is then a file written by 'maskrcnn export'")
 CLASSES_HELP = ("the classes of the checkpoint: a COCO JSON (its categories: ids and names, labels by sorted id as "
                 "in detectron2; a torchvision head with one slot per id 1..max id also fits), a JSON/YAML list of "
                 "names, or a text file with one name per line (ids 1..K; a leading __background__ is dropped)")
@@ -99,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="inference overrides, e.g. --set model.roi_heads.score_thresh=0.01")
     e.add_argument("--device", default="auto")
+    e.add_argument("--runtime", choices=["torch", "onnxruntime", "openvino"], help=RUNTIME_HELP)
     e.add_argument("--fast", action="store_true", help=FAST_HELP)
     e.add_argument("--no-progress", action="store_true", help="no progress bar (none either when not on a terminal)")
     e.add_argument("--classes", metavar="FILE", help=CLASSES_HELP + "; replaces the checkpoint's class map")
@@ -124,9 +127,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="images per model call (default 1): faster on a GPU, but a batch pads its images to one "
                    "size, so results can differ slightly from one image at a time")
     r.add_argument("--no-progress", action="store_true", help="no progress bar (none either when not on a terminal)")
-    r.add_argument("--runtime", choices=["torch", "onnxruntime", "openvino"],
-                   help="torch (default for checkpoints and .pt2), onnxruntime (default for .onnx) or openvino "
-                   "(.onnx, CPU): --weights is then a file written by 'maskrcnn export'")
+    r.add_argument("--runtime", choices=["torch", "onnxruntime", "openvino"], help=RUNTIME_HELP)
 
     x = sub.add_parser("export", help="export a model to ONNX or a torch.export program, for any image size and batch",
                        description="Write the whole detector (uint8 RGB images in, preprocessing, network, NMS, "
@@ -177,21 +178,31 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _expand_inputs(inputs: list[str]) -> list[Path]:
+    """The image files named by ``inputs`` (files, folders, glob patterns). Other files found in a
+    folder or by a pattern are left out and counted on stderr, so that a .gif or .heic the user
+    expected to see predicted is not dropped without a word (hidden files are not counted)."""
     found: list[Path] = []
+    others: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            images = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
-            if not images:
+            entries = sorted(q for q in p.iterdir() if q.is_file() and not q.name.startswith("."))
+            if not any(q.suffix.lower() in IMAGE_SUFFIXES for q in entries):
                 raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in the folder {item}")
-            found += images
         elif p.is_file():
             found.append(p)
+            continue
         else:
-            matches = sorted(Path(m) for m in glob.glob(item, recursive=True))
-            if not matches:
+            entries = sorted(Path(m) for m in glob.glob(item, recursive=True))
+            if not entries:
                 raise FileNotFoundError(f"no such file, folder or pattern: {item}")
-            found += [m for m in matches if m.suffix.lower() in IMAGE_SUFFIXES]
+            entries = [m for m in entries if m.is_file()]
+        found += [q for q in entries if q.suffix.lower() in IMAGE_SUFFIXES]
+        others += [q for q in entries if q.suffix.lower() not in IMAGE_SUFFIXES]
+    if others:
+        names = ", ".join(q.name for q in others[:5]) + (", ..." if len(others) > 5 else "")
+        print(f"left out {len(others)} file{'s' if len(others) > 1 else ''} that {'are' if len(others) > 1 else 'is'} "
+              f"not {'/'.join(IMAGE_SUFFIXES)}: {names}", file=sys.stderr)
     if not found:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) among the inputs {inputs}")
     return found
@@ -275,32 +286,40 @@ def _cmd_eval(args) -> int:
     from maskrcnn.engine.predictor import Predictor
     from maskrcnn.engine.trainer import DistInfo, init_distributed, select_device
     from maskrcnn.evaluation.coco_eval import format_metrics
+    from maskrcnn.config import Config
 
     _check_output_dir(args.output)
     # under torchrun each process evaluates its shard of the images; rank 0 gathers, scores and prints
     device = select_device(args.device, DistInfo(local_rank=int(os.environ.get("LOCAL_RANK", "0"))))
     info = init_distributed(device.type)
     try:
-        pred = Predictor(args.weights, str(device), args.overrides, args.config, args.classes, fast=args.fast)
+        pred = Predictor(args.weights, str(device), args.overrides, args.config, args.classes, runtime=args.runtime,
+                         fast=args.fast)
+        cfg = pred.cfg
+        if cfg is None:  # an exported file that does not hold its config
+            if not args.dataset:
+                raise ValueError(f"{args.weights} does not say which data it was trained on: pass --dataset "
+                                 "(and --images)")
+            cfg = Config()
         if args.dataset:
             json_path, images = Path(args.dataset), Path(args.images or Path(args.dataset).parent)
         else:  # the validation set the checkpoint was trained with (its own files, or the built-in shapes)
             # the main process alone may generate the built-in dataset; the others wait for it
-            paths = dataset_paths(pred.cfg) if info.main else {}
+            paths = dataset_paths(cfg) if info.main else {}
             if info.world_size > 1:
                 dist.barrier()
-                paths = paths or dataset_paths(pred.cfg)
+                paths = paths or dataset_paths(cfg)
             if "val" not in paths:
                 raise ValueError("no dataset: pass --dataset (and --images)")
             json_path, images = paths["val"]
         _check_eval_classes(pred.class_map, Path(json_path), args.allow_class_mismatch)
-        dataset = CocoDataset(json_path, images, class_map=pred.class_map, on_bad_sample=pred.cfg.data.on_bad_sample,
-                              keypoint_convention=pred.cfg.model.keypoint_head.pixel_convention)
+        dataset = CocoDataset(json_path, images, class_map=pred.class_map, on_bad_sample=cfg.data.on_bad_sample,
+                              keypoint_convention=cfg.model.keypoint_head.pixel_convention)
         if info.main:
             Path(args.output).mkdir(parents=True, exist_ok=True)
             write_skipped([dataset], Path(args.output))
         metrics = evaluate_model(pred.model, dataset, args.output, info.rank, info.world_size,
-                                 progress=not args.no_progress, oks_sigmas=pred.cfg.model.keypoint_head.oks_sigmas)
+                                 progress=not args.no_progress, oks_sigmas=cfg.model.keypoint_head.oks_sigmas)
         if info.main:
             print(format_metrics(metrics))
             print(f"results: {Path(args.output).resolve()}")
@@ -332,12 +351,18 @@ def _cmd_export(args) -> int:
     output = check_output_path(args.output)
     suffix = ".onnx" if args.format == "onnx" else ".pt2"
     if output.suffix != suffix:
-        raise ValueError(f"--output {output}: a {args.format} file is named *{suffix}")
+        raise ValueError(f"--output {output}: an {args.format} file is named *{suffix}")
+    for item in args.overrides:  # the graph holds the model alone: a training or data setting would be lost
+        key = item.split("=", 1)[0].strip()
+        if not key.startswith("model."):
+            raise ValueError(f"--set {item}: only model.* settings are part of an exported model (e.g. "
+                             "model.roi_heads.score_thresh); training and data settings do not apply")
     if Path(args.weights).suffix in (".onnx", ".pt2"):
         raise ValueError(f"{args.weights} is already exported; export a checkpoint (.pth) or a detectron2/torchvision "
                          "file with --config")
     pred = Predictor(args.weights, "cpu", args.overrides, args.config, args.classes)
-    meta = {"classes": pred.class_map.to_dict()}
+    # the config travels too: eval finds the validation set and keypoint settings as for a checkpoint
+    meta = {"classes": pred.class_map.to_dict(), "config": pred.cfg.to_dict()}
     print(f"exporting {args.weights} to {output} ({args.format}); this takes a minute or two", file=sys.stderr)
     export_model(pred.model, output, args.format, args.masks, meta)
     print(f"wrote {output}")

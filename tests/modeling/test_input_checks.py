@@ -48,3 +48,25 @@ def test_each_bad_value_is_named(spoil, message):
         _check(images, targets)
     with pytest.raises(ValueError, match=message):  # without a shared Checks: read back at once
         ImagePreprocessor.check_targets(targets, ImagePreprocessor.check_images(images), 3, True, 2)
+
+
+@pytest.mark.parametrize("spoil, message", [
+    # 0-255 floats (detectron2's and OpenCV's habit) and mean/std-normalised pixels: another scale
+    (lambda im: im.__setitem__(1, im[1] * 255), r"images\[1\] is float with values from 0 to 255: float images "
+                                                r"must be in 0-1"),
+    (lambda im: im.__setitem__(0, (im[0] - 0.45) / 0.225), r"images\[0\] is float with values from -[12][.0-9]* to 2"),
+])
+def test_float_images_in_another_scale_are_named(spoil, message):
+    images, targets = _batch()
+    images[1][0, 0, 0] = 1.0  # a white pixel, so that the 0-255 image reaches 255
+    images[1][0, 0, 1] = 0.0
+    spoil(images)
+    with pytest.raises(ValueError, match=message):
+        _check(images, targets)
+
+
+def test_resampling_overshoot_is_not_taken_for_another_scale():
+    images, targets = _batch()
+    # bicubic resizing rings a little past 0 and 1 at sharp edges; such images are still 0-1 images
+    images[0][0, 0, 0], images[0][0, 0, 1] = 1.3, -0.2
+    _check(images, targets)

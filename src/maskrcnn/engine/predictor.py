@@ -32,7 +32,9 @@ def config_of(state: dict) -> Config:
 
 
 def to_image_tensor(image: ImageLike) -> Tensor:
-    """Any supported image -> ``(3, H, W)`` uint8 RGB (paths honour EXIF orientation)."""
+    """Any supported image -> ``(3, H, W)`` RGB: uint8 from files (EXIF orientation honoured), PIL
+    images and uint8/uint16 arrays (16 bits scaled to 8, as for files); float arrays stay float and
+    must be in 0-1 (the model refuses other ranges); tensors pass through."""
     if isinstance(image, (str, Path)):
         return load_image(image)
     if isinstance(image, Image.Image):
@@ -43,10 +45,14 @@ def to_image_tensor(image: ImageLike) -> Tensor:
         if image.ndim != 3 or image.shape[2] not in (3, 4):
             raise ValueError(f"an image array must be (H, W, 3) RGB, got shape {image.shape}")
         arr = image[:, :, :3]
+        if arr.dtype == np.uint16:  # 16-bit pixels scaled to 8 bits, as 16-bit image files are read
+            arr = np.round(arr.astype(np.float32) * (255 / 65535)).astype(np.uint8)
+        elif arr.dtype != np.uint8 and not np.issubdtype(arr.dtype, np.floating):
+            raise ValueError(f"an image array must be uint8 (0-255), uint16 (0-65535) or float (0-1), got {arr.dtype}")
         # a copy unless writable and contiguous: torch warns about read-only arrays (np.asarray of a PIL image)
         arr = arr if arr.flags.writeable and arr.flags.c_contiguous else np.array(arr)
         t = torch.from_numpy(arr).permute(2, 0, 1)
-        return t if arr.dtype == np.uint8 else t.float()
+        return t if arr.dtype == np.uint8 else t.float()  # a float outside 0-1 is the model's to refuse
     if isinstance(image, Tensor):
         return image
     raise TypeError(f"cannot read an image from {type(image).__name__}")
@@ -119,9 +125,14 @@ class Predictor:
         if overrides or config:
             raise ValueError(f"{path} is an exported model: its settings are fixed in the graph (export again "
                              "with --set to change them); --set and --config do not apply")
-        self.cfg = None
         self.model = ExportedModel(path, runtime, str(self.device))  # type: ignore[assignment]
         meta = self.model.metadata
+        # the config the graph was exported from (settings only: the graph holds the weights), read
+        # where this version knows every key; eval then finds the data as for a checkpoint
+        try:
+            self.cfg = config_of(meta) if "config" in meta else None
+        except ValueError:
+            self.cfg = None
         if "classes" not in meta:
             raise ValueError(f"{path} holds no class map; export it with 'maskrcnn export'")
         self.class_map = ClassMap.from_dict(meta["classes"])

@@ -20,12 +20,13 @@ from maskrcnn.structures.class_map import ClassMap, class_map_mismatch
 def evaluate_model(model: nn.Module, dataset: CocoDataset, output_dir: str | Path | None = None, rank: int = 0,
                    world_size: int = 1, limit: int = 0, progress: bool = True, oks_sigmas: Sequence[float] = ()
                    ) -> dict[str, dict]:
-    """COCO bbox/segm/keypoints metrics of ``model`` on ``dataset`` (returned on rank 0; results JSON in
+    """COCO bbox/segm/keypoints metrics of ``model`` (a ``MaskRCNN``, or anything with its call,
+    ``eval``/``train`` and ``coco_types``: an exported model) on ``dataset`` (returned on rank 0; results JSON in
     ``output_dir``); ``oks_sigmas`` for keypoint datasets other than COCO person. Unreadable images
     are warned about, counted in ``metrics["images"]`` and left out of the scoring."""
     dataset.require_ground_truth()
     net = model.module if hasattr(model, "module") else model
-    types = ["bbox"] + (["segm"] if net.roi_heads.mask_on else []) + (["keypoints"] if net.roi_heads.num_keypoints else [])
+    types = net.coco_types
     evaluator = COCOEvaluator(dataset.json_path, dataset.class_map, types, output_dir, oks_sigmas,
                               keypoint_convention=dataset.keypoint_convention)
     try:

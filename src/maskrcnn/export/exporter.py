@@ -106,8 +106,8 @@ def export_model(model: MaskRCNN, path: str | Path, format: str = "onnx", masks:
     check_format(format)
     path = check_output_path(path)
     if format == "onnx":
-        require("onnxscript", "ONNX export")
         require("onnx", "ONNX export")
+        require("onnxscript", "ONNX export")
     was_training = model.training
     model.eval()
     try:
@@ -128,7 +128,8 @@ def graph_metadata(model: MaskRCNN, masks: str, metadata: dict | None = None) ->
 def save_program(program: torch.export.ExportedProgram, path: str | Path, format: str, meta: dict) -> Path:
     """Write an ``export_program`` result atomically as ``format`` with ``meta`` (``graph_metadata``)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # the temporary name keeps the suffix: torch.export.save warns about a file not named *.pt2
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
     try:
         # torch's own deprecation notices and its note about weights not on the CPU (ours are) say
@@ -165,7 +166,34 @@ def _write_onnx(program: torch.export.ExportedProgram, path: str, output_names: 
                                      opset_version=OPSET, input_names=["images", "image_sizes"],
                                      output_names=output_names, verbose=False)
     proto = onnx_program.model_proto
+    _name_dimensions(proto.graph)
     del proto.metadata_props[:]
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(meta)
     onnx.save(proto, path)
+
+
+def _name_dimensions(graph) -> None:
+    """Rename the exporter's size symbols (``s34``, ``u8``) to what they are: ``batch``, ``height``,
+    ``width`` (of ``images``) and ``detections`` (the outputs' second axis), so that tools showing
+    the inputs and outputs (Netron, onnxruntime's ``get_inputs()``) say what to feed and expect.
+    Every shape in the graph is renamed alike: intermediate shapes are expressions of the symbols."""
+    import re
+
+    def symbol(value, axis: int) -> str:
+        dims = value.type.tensor_type.shape.dim
+        return dims[axis].dim_param if axis < len(dims) else ""
+
+    images, first_output = graph.input[0], graph.output[0]
+    renames = {symbol(images, 0): "batch", symbol(images, 1): "height", symbol(images, 2): "width",
+               symbol(first_output, 1): "detections"}
+    renames = {old: new for old, new in renames.items() if re.fullmatch(r"[a-z]+\d+", old)}
+    taken = {d.dim_param for v in (*graph.input, *graph.output, *graph.value_info)
+             for d in v.type.tensor_type.shape.dim}
+    if len(renames) != 4 or any(new in taken for new in renames.values()):
+        return  # an exporter that names them otherwise: leave its names
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, renames)) + r")\b")
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                dim.dim_param = pattern.sub(lambda m: renames[m.group(1)], dim.dim_param)

@@ -10,7 +10,10 @@ and returns, per image, ``boxes (D, 4)``, ``scores``, ``labels`` and, as present
 from __future__ import annotations
 
 import json
+import logging
+import zipfile
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,7 @@ import torch
 from torch import Tensor
 
 from maskrcnn.export.exporter import EXPORT_EXTRA, METADATA_KEY, require
+from maskrcnn.modeling.preprocess import ImagePreprocessor
 from maskrcnn.structures.masks import paste_masks_in_image
 
 RUNTIMES = ("torch", "onnxruntime", "openvino")
@@ -29,25 +33,47 @@ def default_runtime(path: str | Path) -> str:
 
 
 def batch_images(images: Sequence[Tensor]) -> tuple[np.ndarray, np.ndarray]:
-    """``(3, H, W)`` uint8 (or 0-1 float) images -> ``(N, Hmax, Wmax, 3)`` uint8 and ``(N, 2)`` sizes."""
-    if not images:
-        raise ValueError("no images to predict on")
+    """``(3, H, W)`` uint8 (or 0-1 float) images -> ``(N, Hmax, Wmax, 3)`` uint8 and ``(N, 2)`` sizes.
+
+    The eager model's input checks apply (``ImagePreprocessor.check_images``), so that an image it
+    refuses (4 channels, uint16, float outside 0-1) is refused here too rather than answered.
+    """
     arrays = []
-    for i, im in enumerate(images):
-        if not isinstance(im, Tensor) or im.dim() != 3 or im.shape[0] != 3:
-            shape = tuple(im.shape) if isinstance(im, Tensor) else type(im).__name__
-            raise ValueError(f"images[{i}] must be a (3, H, W) RGB tensor, got {shape}: an exported model "
-                             "takes 3-channel RGB images")
+    images = ImagePreprocessor.check_images(images)
+    for im in images:
         if im.is_floating_point():  # the graph takes uint8, as images are stored
             im = (im.clamp(0, 1) * 255).round().to(torch.uint8)
-        elif im.dtype != torch.uint8:
-            raise ValueError(f"images[{i}] must be uint8 or float in 0-1, got {im.dtype}")
         arrays.append(im.permute(1, 2, 0).cpu().numpy())
     sizes = np.array([a.shape[:2] for a in arrays], dtype=np.int64)
     batch = np.zeros((len(arrays), int(sizes[:, 0].max()), int(sizes[:, 1].max()), 3), dtype=np.uint8)
     for i, a in enumerate(arrays):
         batch[i, : a.shape[0], : a.shape[1]] = a
     return batch, sizes
+
+
+@contextmanager
+def unreadable(path: Path, what: str):
+    """A runtime's failure to parse ``path`` (truncated, corrupt, a newer IR version, not a model)
+    as a one-line ValueError that names the file; the runtime's own reason follows."""
+    quiet = logging.getLogger("torch.export")  # torch.export.load logs a traceback before raising
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        yield
+    except (RuntimeError, ValueError, OSError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path} is not {what}: {_reason(e)}") from e
+    except Exception as e:  # onnxruntime's own error classes (InvalidProtobuf, Fail, ...) derive from Exception
+        if type(e).__module__.startswith("onnxruntime"):
+            raise ValueError(f"{path} is not {what}: {_reason(e)}") from e
+        raise
+    finally:
+        quiet.setLevel(level)
+
+
+def _reason(e: BaseException) -> str:
+    # the last line: OpenVINO's first lines name its own source files, its last one the reason
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(e).__name__)[:300]
 
 
 class ExportedModel:
@@ -87,7 +113,8 @@ class ExportedModel:
         import maskrcnn.export  # noqa: F401  (registers the custom ops the program calls)
 
         extra = {"maskrcnn.json": ""}
-        program = torch.export.load(str(path), extra_files=extra)
+        with unreadable(path, "an ExportedProgram (.pt2) written by 'maskrcnn export'"):
+            program = torch.export.load(str(path), extra_files=extra)
         if not extra["maskrcnn.json"]:
             raise ValueError(f"{path} is not an ExportedProgram written by 'maskrcnn export' (no maskrcnn.json)")
         self.metadata = json.loads(extra["maskrcnn.json"])
@@ -106,7 +133,8 @@ class ExportedModel:
             options.intra_op_num_threads = threads
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device.type == "cuda" else \
             ["CPUExecutionProvider"]
-        session = ort.InferenceSession(str(path), options, providers=providers)
+        with unreadable(path, "an ONNX file that onnxruntime can load"):
+            session = ort.InferenceSession(str(path), options, providers=providers)
         meta = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
         if meta is None:
             raise ValueError(f"{path} is an ONNX file but not one written by 'maskrcnn export' (no '{METADATA_KEY}' "
@@ -121,7 +149,8 @@ class ExportedModel:
             raise ValueError(f"the openvino runtime runs on the CPU here, not {self.device}; use --runtime "
                              "onnxruntime for CUDA")
         core = ov.Core()
-        model = core.read_model(str(path))
+        with unreadable(path, "an ONNX file that OpenVINO can read"):
+            model = core.read_model(str(path))
         key = ["framework", METADATA_KEY]  # where OpenVINO keeps the ONNX file's metadata
         if not model.has_rt_info(key):
             raise ValueError(f"{path} is an ONNX file but not one written by 'maskrcnn export' (no '{METADATA_KEY}' "
@@ -141,8 +170,22 @@ class ExportedModel:
         return run
 
     # -- inference -------------------------------------------------------------------------------
+    training = False
+
     def eval(self) -> ExportedModel:
         return self
+
+    def train(self, mode: bool = True) -> ExportedModel:
+        if mode:
+            raise ValueError(f"{self.path} is an exported model: it cannot be trained")
+        return self
+
+    @property
+    def coco_types(self) -> list[str]:
+        """The COCO result types of the predictions, as ``MaskRCNN.coco_types``."""
+        outputs = self.metadata["outputs"]
+        return ["bbox"] + (["segm"] if "masks" in outputs or "mask_probs" in outputs else []) + \
+            (["keypoints"] if "keypoints" in outputs else [])
 
     def to(self, device: torch.device | str) -> ExportedModel:
         if torch.device(device).type != self.device.type:
@@ -150,8 +193,6 @@ class ExportedModel:
         return self
 
     def __call__(self, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
-        if isinstance(images, Tensor):
-            images = [images] if images.dim() == 3 else list(images)
         batch, sizes = batch_images(images)
         outputs = dict(zip(self.metadata["outputs"], self._run(batch, sizes)))
         results = []

@@ -63,6 +63,12 @@ class MaskRCNN(nn.Module):
         dtypes = {p.dtype for p in self.parameters()}
         return torch.float64 if torch.float64 in dtypes else torch.float32
 
+    @property
+    def coco_types(self) -> list[str]:
+        """The COCO result types of the predictions: ``bbox``, then ``segm`` and ``keypoints`` if predicted."""
+        return ["bbox"] + (["segm"] if self.roi_heads.mask_on else []) + \
+            (["keypoints"] if self.roi_heads.num_keypoints else [])
+
     def forward(self, images: Sequence[Tensor] | Tensor, targets: Sequence[dict] | None = None
                 ) -> list[dict[str, Tensor]] | dict[str, Tensor]:
         checks = Checks()  # the value checks of the whole batch, read back once

@@ -47,6 +47,17 @@ def _degenerate_message(i: int, boxes: Tensor, degenerate: Tensor) -> str:
             f"(e.g. {boxes[bad[0]].tolist()}); drop degenerate boxes before training")
 
 
+FLOAT_SLACK = 0.5  # how far outside 0-1 a float image may stray before it is taken for another scale
+
+
+def _range_message(i: int, img: Tensor):
+    def message() -> str:
+        lo, hi = (float(v) for v in img.aminmax())
+        return (f"images[{i}] is float with values from {lo:g} to {hi:g}: float images must be in 0-1 (divide "
+                "0-255 pixels by 255, or pass uint8; the model normalises them itself)")
+    return message
+
+
 class ImagePreprocessor(nn.Module):
     """Normalise, resize and batch images (and their targets); rescale detections afterwards.
 
@@ -110,6 +121,10 @@ class ImagePreprocessor(nn.Module):
         for i, img in enumerate(images):
             if img.is_floating_point():
                 own.add(~torch.isfinite(img), f"images[{i}] contains NaN or inf")
+                # 0-255 floats (detectron2's habit, OpenCV conversions) or already-normalised pixels would
+                # give a confident wrong answer (no detections); the slack admits resampling overshoot
+                lo, hi = img.aminmax()
+                own.add((lo < -FLOAT_SLACK) | (hi > 1 + FLOAT_SLACK), _range_message(i, img))
         if checks is None:
             own.run()
         return list(images)
