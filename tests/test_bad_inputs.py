@@ -504,6 +504,10 @@ def test_a_16_bit_image_is_scaled_not_clipped(tmp_path):
 
     Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16)).save(tmp_path / "a.png")
     assert to_image_tensor(tmp_path / "a.png").unique().tolist() == [128]  # round(32768 * 255 / 65535)
+    # the same as an opened PIL image (PIL's own convert("RGB") would saturate it to white) and as an array
+    with Image.open(tmp_path / "a.png") as img:
+        assert to_image_tensor(img).unique().tolist() == [128]
+    assert to_image_tensor(np.full((4, 4, 3), 32768, dtype=np.uint16)).unique().tolist() == [128]
 
 
 def test_files_in_a_folder_that_are_not_images_are_counted(data, tmp_path, capsys):

@@ -138,8 +138,9 @@ def _parser() -> argparse.ArgumentParser:
                    "detectron2 .pkl/.pth or torchvision .pth")
     x.add_argument("--config", "-c", metavar="PRESET_OR_YAML",
                    help="the model of a detectron2/torchvision --weights file (e.g. detectron2_mask_rcnn_R_50_FPN_3x)")
-    x.add_argument("--format", "-f", choices=["onnx", "exported-program", "torchscript"], default="onnx",
-                   help="onnx (onnxruntime) or exported-program (.pt2, torch.export); default: onnx. torchscript "
+    x.add_argument("--format", "-f", choices=["onnx", "exported-program", "torchscript"],
+                   help="onnx (onnxruntime) or exported-program (.pt2, torch.export); default: by the --output "
+                   "file's suffix (.onnx, .pt2). torchscript "
                    "is refused with the reason (deprecated by PyTorch)")
     x.add_argument("--output", "-o", required=True, help="file to write (e.g. model.onnx or model.pt2)")
     x.add_argument("--masks", choices=["pasted", "raw"], default="pasted",
@@ -347,8 +348,13 @@ def _cmd_export(args) -> int:
     from maskrcnn.export.exporter import check_format, check_output_path, export_model
 
     # format and output path are checked before the model is loaded, so that a mistake fails at once
-    check_format(args.format)
+    if args.format is not None:
+        check_format(args.format)
     output = check_output_path(args.output)
+    if args.format is None:
+        args.format = {".onnx": "onnx", ".pt2": "exported-program"}.get(output.suffix)
+        if args.format is None:
+            raise ValueError(f"--output {output}: name it *.onnx or *.pt2, or give --format")
     suffix = ".onnx" if args.format == "onnx" else ".pt2"
     if output.suffix != suffix:
         raise ValueError(f"--output {output}: an {args.format} file is named *{suffix}")
@@ -447,7 +453,7 @@ def is_user_error(e: BaseException) -> bool:
     from maskrcnn.config import ConfigError
     from maskrcnn.data.coco import DatasetError
     from maskrcnn.data.transforms import BadImageError
-    from maskrcnn.export.exporter import MissingExtra
+    from maskrcnn._extras import MissingExtra
     from maskrcnn.export.graph import UnsupportedExport
     from maskrcnn.interop.checkpoint import CheckpointError
 

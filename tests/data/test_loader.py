@@ -61,3 +61,34 @@ def test_every_image_is_trained_on_every_epoch(tall, wide, batch, grouping):
     # an image is used once per epoch, twice when it completes the epoch's last batch
     counts = [stream.count(i) for i in range(n)]
     assert max(counts) <= 2 * min(counts) + 2, counts
+
+
+def test_repeat_factors_follow_lvis_rule_on_a_hand_computed_case():
+    from maskrcnn.data.repeat_factors import repeat_factors
+
+    # 5 images (one without objects): f(1) = 4/5, f(2) = 1/5 (twice in one image counts once), f(3) = 2/5;
+    # t = 0.5: r(1) = max(1, sqrt(0.5 / 0.8)) = 1, r(2) = sqrt(2.5), r(3) = sqrt(1.25); an image takes its
+    # largest r, an image without objects 1
+    labels = [[1], [1, 2, 2], [1, 3], [1, 3], []]
+    got = repeat_factors(labels, 0.5)
+    assert got == pytest.approx([1.0, math.sqrt(0.5 / 0.2), math.sqrt(0.5 / 0.4), math.sqrt(0.5 / 0.4), 1.0])
+    assert repeat_factors(labels, 0.0) == [1.0] * 5  # off
+
+
+def test_repeated_images_appear_as_often_as_their_factor():
+    from maskrcnn.data.repeat_factors import repeat_factors
+
+    labels = [[1]] * 18 + [[1, 2]] * 2  # class 2 in a tenth of the images
+    factors = repeat_factors(labels, 0.4)  # r = sqrt(0.4 / 0.1) = 2 for the two rare images
+    assert factors[-2:] == pytest.approx([2.0, 2.0]) and factors[0] == 1.0
+    fractional = repeat_factors(labels, 0.25)  # sqrt(2.5) = 1.58...: 1 or 2 times an epoch
+    for rf, expect in ((factors, 2.0), (fractional, math.sqrt(2.5))):
+        sampler = TrainingBatchSampler([True] * 20, 4, seed=7, grouping=False, repeat=rf)
+        stream = [i for b in _take(sampler, 3000) for i, _ in b]  # 12,000 samples, ~500 epochs
+        common = sum(stream.count(i) for i in range(18)) / 18
+        rare = (stream.count(18) + stream.count(19)) / 2
+        assert rare / common == pytest.approx(expect, rel=0.05)
+    # still deterministic and resumable
+    sampler = TrainingBatchSampler([True] * 20, 4, seed=7, grouping=False, repeat=fractional)
+    resumed = TrainingBatchSampler([True] * 20, 4, seed=7, grouping=False, repeat=fractional, start_iter=11)
+    assert _take(resumed, 9) == _take(sampler, 20)[11:]

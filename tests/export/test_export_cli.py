@@ -71,7 +71,8 @@ def test_predict_with_runtime_matches_checkpoint(checkpoint, onnx_file, runtime)
 def test_exported_program_runs_with_torch_runtime_and_raw_masks(checkpoint, tmp_path, recwarn):
     _, ckpt = checkpoint
     path = tmp_path / "model.pt2"
-    assert main(["export", "--weights", str(ckpt), "--format", "exported-program", "--masks", "raw",
+    # the format from the file's suffix
+    assert main(["export", "--weights", str(ckpt), "--masks", "raw",
                  "--output", str(path), "--set", "model.roi_heads.score_thresh=0.0"]) == 0
     # torch warns when a program is saved under a name without .pt2 (as a temporary file was)
     assert not [w for w in recwarn if "pt2" in str(w.message)], [str(w.message) for w in recwarn]
@@ -122,7 +123,13 @@ def test_export_errors_name_the_problem(checkpoint, onnx_file, tmp_path, capsys)
           if Path("/sys").is_dir() else []),
         (["predict", str(out / "shapes" / "val"), "--weights", str(onnx_file), "--device", "gpu",
           "--output", str(tmp_path / "p")], "not a device name"),
-        (["export", "--weights", str(ckpt), "--output", str(tmp_path / "m.pt2")], "named *.onnx"),
+        (["export", "--weights", str(ckpt), "--format", "onnx", "--output", str(tmp_path / "m.pt2")], "named *.onnx"),
+        (["export", "--weights", str(ckpt), "--output", str(tmp_path / "m.model")], "name it *.onnx or *.pt2"),
+        # a --set that changes the architecture: the checkpoint's weights cannot fit
+        (["export", "--weights", str(ckpt), "--output", str(tmp_path / "m.onnx"), "--set", "model.backbone.depth=50"],
+         "its weights do not fit the model its config describes with --set model.backbone.depth=50"),
+        (["predict", str(out / "shapes" / "val"), "--weights", str(ckpt), "--output", str(tmp_path / "p"),
+          "--set", "model.mask_head.num_conv=2"], "--set may change inference settings, not the architecture"),
         (["export", "--weights", str(tmp_path / "nope.pth"), "--output", str(tmp_path / "m.onnx")], "nope.pth"),
         (["export", "--weights", str(onnx_file), "--output", str(tmp_path / "m.onnx")], "already exported"),
         (["export", "--weights", str(ckpt), "--output", str(tmp_path / "m.onnx"), "--set", "model.nope=1"], "nope"),

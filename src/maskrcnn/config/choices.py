@@ -19,3 +19,5 @@ MASK_FORMATS = ("polygon", "bitmap")
 SCHEDULES = ("step", "cosine")
 AMP_MODES = ("", "bf16", "fp16")
 PRECISIONS = ("float32", "bf16", "fp16")
+BEST_METRICS = ("auto", "segm/AP", "bbox/AP", "keypoints/AP", "val_loss", "none")
+TENSORBOARD_MODES = ("auto", "always", "never")  # not on/off: YAML reads those as booleans

@@ -122,6 +122,19 @@ def check_config(cfg: Config) -> Config:
         if h.bg_iou_thresh > h.fg_iou_thresh:
             raise ConfigError(f"config key 'model.{head}.bg_iou_thresh' ({h.bg_iou_thresh}) must not exceed "
                               f"model.{head}.fg_iou_thresh ({h.fg_iou_thresh})")
+    if s.ims_per_batch % s.accumulate_steps:
+        raise ConfigError(f"config key 'solver.ims_per_batch' ({s.ims_per_batch}) must be divisible by "
+                          f"solver.accumulate_steps ({s.accumulate_steps}): each pass takes an equal share")
+    t = cfg.train
+    needs = {"segm/AP": ("model.mask_on", m.mask_on), "keypoints/AP": ("model.keypoint_on", m.keypoint_on),
+             "val_loss": ("train.val_loss", t.val_loss)}
+    if t.best_metric in needs and not needs[t.best_metric][1]:
+        raise ConfigError(f"config key 'train.best_metric' is {t.best_metric} but {needs[t.best_metric][0]} is false")
+    if t.early_stop_patience and t.best_metric == "none":
+        raise ConfigError("config key 'train.early_stop_patience' needs a train.best_metric to watch (it is none)")
+    if t.early_stop_patience and not t.eval_period:
+        raise ConfigError("config key 'train.early_stop_patience' needs train.eval_period > 0: without periodic "
+                          "evaluations there is nothing to stop on")
     if d.shapes_max_radius < d.shapes_min_radius:
         raise ConfigError(f"config key 'data.shapes_max_radius' ({d.shapes_max_radius}) must be at least "
                           f"data.shapes_min_radius ({d.shapes_min_radius})")

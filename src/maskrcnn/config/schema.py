@@ -15,6 +15,7 @@ from maskrcnn.config.choices import (
     ANCHOR_STYLES,
     ARCHITECTURES,
     BAD_SAMPLE_POLICIES,
+    BEST_METRICS,
     CASCADE_MASK_MODES,
     CHANNEL_ORDERS,
     KEYPOINT_CONVENTIONS,
@@ -29,6 +30,7 @@ from maskrcnn.config.choices import (
     RESIZE_STYLES,
     RESNET_DEPTHS,
     SCHEDULES,
+    TENSORBOARD_MODES,
 )
 
 
@@ -273,6 +275,10 @@ class DataConfig:
     min_keypoints_per_image: int = _at_least(0, 0)
     num_workers: int = _at_least(2, 0)
     aspect_ratio_grouping: bool = True
+    # LVIS's repeat-factor sampling: images with classes in fewer than this fraction of the images are
+    # repeated within an epoch, sqrt(threshold / fraction) times (LVIS used 0.001); 0: off
+    repeat_factor_threshold: float = _between(0.0, 0.0, 1.0, "repeat images of classes rarer than this fraction "
+                                              "of the training images (LVIS: 0.001); 0: off")
     shapes_dir: str = "outputs/shapes"
     shapes_train: int = _at_least(400, 1)
     shapes_val: int = _at_least(50, 1)
@@ -304,6 +310,10 @@ class SolverConfig:
     warmup_iters: int = _at_least(1000, 0)
     warmup_factor: float = _between(0.001, 0.0, 1.0)  # lr starts at base_lr * warmup_factor, grows linearly
     clip_grad_norm: float = _at_least(0.0, 0.0)  # 0 disables
+    # ims_per_batch stays the batch of one optimizer step (and of the linear scaling rule): each step
+    # runs its images in this many forward/backward passes and sums their gradients
+    accumulate_steps: int = _at_least(1, 1, "passes per step over ims_per_batch images: the memory of a "
+                                         "batch this many times smaller, the same training")
     amp: str = _choice("", AMP_MODES, "mixed precision: bf16 (CPU or GPU) or fp16 (GPU)")
 
 
@@ -318,6 +328,15 @@ class TrainConfig:
     init_weights: str = ""  # a checkpoint of ours to start from (fine-tuning)
     init_weights_reset_heads: bool = False  # allow init_weights from other classes: new class predictors
     eval_max_images: int = _at_least(0, 0)  # 0: the whole validation set
+    val_loss: bool = True  # also the training losses on the validation set at each evaluation
+    best_metric: str = _choice("auto", BEST_METRICS, "kept in model_best.pth at each evaluation: auto (segm/AP "
+                               "with masks, else keypoints/AP with keypoints, else bbox/AP), val_loss, or none")
+    early_stop_patience: int = _at_least(0, 0, "stop after this many evaluations without a better best_metric "
+                                         "(needs eval_period); 0: never")
+    early_stop_min_delta: float = _at_least(0.0, 0.0, "how much better best_metric must be to count (AP in 0-1)")
+    tensorboard: str = _choice("auto", TENSORBOARD_MODES, "TensorBoard event files in output_dir: auto (when the "
+                               "tensorboard package is installed), always (required), never")
+    tensorboard_images: int = _at_least(3, 0)  # validation images drawn with their detections at each evaluation
 
 
 def _to_plain(obj: Any) -> Any:

@@ -16,13 +16,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from maskrcnn._seeding import derive_seed
+from maskrcnn.data.repeat_factors import repeated_indices
 
 
 class TrainingBatchSampler(Sampler):
     """Yields, per iteration from ``start_iter``, this rank's list of ``(index, seed)``."""
 
     def __init__(self, aspect_wide: Sequence[bool], ims_per_batch: int, seed: int = 0, grouping: bool = True,
-                 rank: int = 0, world_size: int = 1, start_iter: int = 0) -> None:
+                 rank: int = 0, world_size: int = 1, start_iter: int = 0,
+                 repeat: Sequence[float] | None = None) -> None:
         if ims_per_batch < 1:
             raise ValueError(f"solver.ims_per_batch must be at least 1, got {ims_per_batch}")
         if ims_per_batch % world_size:
@@ -33,6 +35,10 @@ class TrainingBatchSampler(Sampler):
         self.wide = list(aspect_wide)
         self.batch, self.seed, self.grouping = ims_per_batch, seed, grouping
         self.rank, self.world_size, self.start_iter = rank, world_size, start_iter
+        # per image, how often it appears in an epoch on average (repeat_factors.py); None: once
+        self.repeat = list(repeat) if repeat is not None and any(r != 1 for r in repeat) else None
+        if self.repeat is not None and len(self.repeat) != len(self.wide):
+            raise ValueError(f"{len(self.repeat)} repeat factors for {len(self.wide)} images")
 
     def _global_batches(self) -> Iterator[list[int]]:
         # Per epoch (a seeded shuffle): a batch of one orientation whenever that orientation has
@@ -43,7 +49,11 @@ class TrainingBatchSampler(Sampler):
         epoch = 0
         while True:
             g = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
-            order = torch.randperm(len(self.wide), generator=g).tolist()
+            if self.repeat is None:
+                order = torch.randperm(len(self.wide), generator=g).tolist()
+            else:  # an epoch of repeated images, shuffled
+                pool = repeated_indices(self.repeat, g)
+                order = [pool[k] for k in torch.randperm(len(pool), generator=g).tolist()]
             buckets: dict[bool, list[int]] = {True: [], False: []}
             for i in order:
                 bucket = buckets[self.wide[i] if self.grouping else True]
@@ -78,8 +88,9 @@ def collate(batch: list) -> tuple[list, list]:
 
 
 def training_loader(dataset: Dataset, aspect_wide: Sequence[bool], ims_per_batch: int, seed: int, grouping: bool,
-                    num_workers: int, rank: int = 0, world_size: int = 1, start_iter: int = 0) -> DataLoader:
-    sampler = TrainingBatchSampler(aspect_wide, ims_per_batch, seed, grouping, rank, world_size, start_iter)
+                    num_workers: int, rank: int = 0, world_size: int = 1, start_iter: int = 0,
+                    repeat: Sequence[float] | None = None) -> DataLoader:
+    sampler = TrainingBatchSampler(aspect_wide, ims_per_batch, seed, grouping, rank, world_size, start_iter, repeat)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
                       persistent_workers=num_workers > 0, prefetch_factor=2 if num_workers > 0 else None)
 

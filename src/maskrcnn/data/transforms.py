@@ -28,7 +28,7 @@ def load_image(path: str | Path, expected_size: tuple[int, int] | None = None) -
     path = Path(path)
     try:
         with Image.open(path) as img:
-            arr = _rgb_array(ImageOps.exif_transpose(img))
+            arr = rgb_array(ImageOps.exif_transpose(img))
     except FileNotFoundError:
         raise BadImageError(f"image not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
@@ -39,7 +39,7 @@ def load_image(path: str | Path, expected_size: tuple[int, int] | None = None) -
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-def _rgb_array(img: Image.Image) -> np.ndarray:
+def rgb_array(img: Image.Image) -> np.ndarray:
     """``(H, W, 3)`` uint8 from any PIL mode.
 
     PIL's ``convert("RGB")`` clips integer and float pixels to 0..255, which turns a 16-bit

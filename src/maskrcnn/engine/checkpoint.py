@@ -38,8 +38,11 @@ def atomic_write(path: str | Path, write) -> None:
 
 
 def save_checkpoint(path: str | Path, model_state: dict, config: dict, classes: dict, iteration: int,
-                    optimizer: dict | None = None, scaler: dict | None = None) -> Path:
-    """Write a checkpoint atomically; RNG states are captured here."""
+                    optimizer: dict | None = None, scaler: dict | None = None, extra: dict | None = None,
+                    resumable: bool = True) -> Path:
+    """Write a checkpoint atomically; RNG states are captured here. ``extra`` entries are stored
+    beside the standard ones (e.g. ``best``); ``resumable=False`` (``model_best.pth``) leaves the
+    ``last_checkpoint`` marker alone, so that ``--resume`` continues from the newest checkpoint."""
     state: dict[str, Any] = {
         "format": FORMAT, "version": 1, "model": model_state, "config": config, "classes": classes,
         "iteration": int(iteration),
@@ -50,9 +53,11 @@ def save_checkpoint(path: str | Path, model_state: dict, config: dict, classes: 
         state["optimizer"] = optimizer
     if scaler is not None:
         state["scaler"] = scaler
+    state.update(extra or {})
     atomic_write(path, lambda f: torch.save(state, f))
     path = Path(path)
-    atomic_write(path.parent / "last_checkpoint", lambda f: f.write(path.name.encode()))
+    if resumable:
+        atomic_write(path.parent / "last_checkpoint", lambda f: f.write(path.name.encode()))
     return path
 
 

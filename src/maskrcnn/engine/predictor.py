@@ -16,9 +16,10 @@ from torch import Tensor
 
 from maskrcnn.config import Config, merge
 from maskrcnn.data.coco import ClassMap
-from maskrcnn.data.transforms import load_image
+from maskrcnn.data.transforms import load_image, rgb_array
 from maskrcnn.engine.checkpoint import load_checkpoint
 from maskrcnn.engine.device import resolve_device
+from maskrcnn.interop.checkpoint import CheckpointError
 from maskrcnn.modeling.build import build_model
 from maskrcnn.modeling.detector import MaskRCNN
 from maskrcnn.modeling.inference import prepare_for_inference
@@ -37,8 +38,8 @@ def to_image_tensor(image: ImageLike) -> Tensor:
     must be in 0-1 (the model refuses other ranges); tensors pass through."""
     if isinstance(image, (str, Path)):
         return load_image(image)
-    if isinstance(image, Image.Image):
-        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+    if isinstance(image, Image.Image):  # 16-bit and float modes scaled as in files, not saturated
+        return torch.from_numpy(rgb_array(image)).permute(2, 0, 1).contiguous()
     if isinstance(image, np.ndarray):
         if image.ndim == 2:
             image = np.repeat(image[:, :, None], 3, axis=2)
@@ -115,7 +116,14 @@ class Predictor:
                 self.class_map = given if given.keypoint_names else ClassMap(
                     given.ids, given.names, self.class_map.keypoint_names, self.class_map.skeleton)
             self.model = build_model(self.cfg)
-            self.model.load_state_dict(state["model"])
+            try:
+                self.model.load_state_dict(state["model"])
+            except RuntimeError as e:  # a --set that changes the architecture (depth, head convs, ...)
+                mismatch = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+                raise CheckpointError(
+                    f"{checkpoint}: its weights do not fit the model its config describes"
+                    + (f" with --set {' '.join(overrides)}" if overrides else "") + f" ({mismatch}); --set may "
+                    "change inference settings, not the architecture") from None
         prepare_for_inference(self.model.to(self.device))
 
     def _load_exported(self, path: str | Path, runtime: str | None, overrides: Sequence[str], config: str | None,

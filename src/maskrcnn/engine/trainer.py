@@ -14,6 +14,12 @@ found at the next log line, checkpoint or evaluation, whichever comes first, and
 written after one. Metrics go to ``metrics.jsonl``; at the end ``training_curves.png`` plots
 losses, learning rate and AP. On a terminal a progress bar shows the losses; otherwise (logs of
 batch jobs and CI, or ``progress=False``) a line every ``train.log_period`` iterations does.
+
+Each evaluation (every ``train.eval_period`` iterations and at the end) logs the COCO AP and the
+validation loss (``engine.validation``), and keeps ``model_best.pth`` when ``train.best_metric``
+improved; ``train.early_stop_patience`` evaluations without improvement end the run there
+(``engine.best``). ``solver.accumulate_steps`` runs each step's batch in that many passes, summing
+their gradients: the training of ``ims_per_batch`` images per step with the memory of fewer.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import os
 import re
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,10 +44,14 @@ from maskrcnn.config import Config
 from maskrcnn.data.build import build_train_dataset, build_val_dataset, dataset_paths
 from maskrcnn.data.coco import ClassMap, write_skipped
 from maskrcnn.data.loader import training_loader
+from maskrcnn.data.repeat_factors import repeat_factors
+from maskrcnn.engine.best import BestMetric, tracked_key
 from maskrcnn.engine.checkpoint import last_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from maskrcnn.engine.device import resolve_device
 from maskrcnn.evaluation.evaluate import evaluate_model
 from maskrcnn.engine.plot import plot_training
+from maskrcnn.engine.tensorboard_log import TensorBoardLog
+from maskrcnn.engine.validation import validation_losses
 from maskrcnn.evaluation.coco_eval import format_metrics
 from maskrcnn.interop.torchvision import load_imagenet_backbone
 from maskrcnn.modeling.build import build_model
@@ -180,10 +191,11 @@ def load_init_weights(model: nn.Module, path: str, class_map: ClassMap, reset_he
 
 
 class MetricsLog:
-    """Append-only JSONL of metrics; on resume, records after the resumed iteration are dropped."""
+    """Append-only JSONL of metrics; on resume, records after the resumed iteration are dropped.
+    Each record also goes to ``tensorboard`` when one is given."""
 
-    def __init__(self, path: Path, start_iter: int, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, start_iter: int, enabled: bool, tensorboard: TensorBoardLog | None = None) -> None:
+        self.path, self.enabled, self.tensorboard = path, enabled, tensorboard
         self.records: list[dict] = []
         if enabled and path.is_file():
             self.records = [r for r in map(json.loads, path.read_text().splitlines()) if r.get("iteration", 0) <= start_iter]
@@ -195,6 +207,8 @@ class MetricsLog:
         self.records.append(record)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
 
 
 def _flat_metrics(metrics: dict[str, dict]) -> dict[str, float]:
@@ -341,23 +355,59 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
     if info.world_size > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    accumulate = cfg.solver.accumulate_steps
+    if cfg.solver.ims_per_batch % (info.world_size * accumulate):
+        raise ValueError(f"solver.ims_per_batch ({cfg.solver.ims_per_batch}) must be divisible by the number of "
+                         f"processes times solver.accumulate_steps ({info.world_size} x {accumulate})")
+    repeat = repeat_factors([r.labels for r in train_set.records], cfg.data.repeat_factor_threshold)
+    if info.main and cfg.data.repeat_factor_threshold > 0:
+        print(f"repeat-factor sampling (data.repeat_factor_threshold={cfg.data.repeat_factor_threshold:g}): "
+              f"{sum(r > 1 for r in repeat)} of {len(repeat)} images repeated, {sum(repeat):.0f} images per epoch "
+              f"on average")
     loader = training_loader(train_set, train_set.aspect_wide(), cfg.solver.ims_per_batch, cfg.train.seed,
                              cfg.data.aspect_ratio_grouping, cfg.data.num_workers, info.rank, info.world_size,
-                             start_iter)
-    log = MetricsLog(out_dir / "metrics.jsonl", start_iter, info.main)
+                             start_iter, repeat)
+    # a resumed run's events after its checkpoint are dropped, as its metrics.jsonl records are
+    board = TensorBoardLog(out_dir, cfg.train.tensorboard, info.main, purge_step=start_iter + 1 if start_iter else None)
+    log = MetricsLog(out_dir / "metrics.jsonl", start_iter, info.main, board)
+    key = tracked_key(cfg)
+    if cfg.train.early_stop_patience and val_set is None:
+        raise ValueError("train.early_stop_patience needs a validation set (data.val_json) to evaluate on")
+    best = BestMetric(key, cfg.train.early_stop_patience, cfg.train.early_stop_min_delta) if key else None
+    if best is not None:
+        best.replay(log.records)  # a resumed run stops where an uninterrupted one would
+    monitor = LossMonitor(device)
 
     def checkpoint(it: int, name: str) -> Path:
         return save_checkpoint(out_dir / name, model.state_dict(), cfg.to_dict(), class_map.to_dict(), it,
                                optimizer.state_dict(), scaler.state_dict() if scaler.is_enabled() else None)
 
     def run_eval(it: int) -> dict:
+        """Evaluate (AP, and the validation loss), log, keep the best checkpoint; every process calls it."""
         if val_set is None:
             return {}
         metrics = evaluate_model(model, val_set, out_dir / "inference", info.rank, info.world_size,
                                  cfg.train.eval_max_images, progress, cfg.model.keypoint_head.oks_sigmas)
+        val = {}
+        if cfg.train.val_loss and monitor.names:
+            val = validation_losses(model, val_set, monitor.names, device, cfg.train.seed,
+                                    lambda: network_precision(device, amp, "solver.amp"), info.rank, info.world_size,
+                                    cfg.train.eval_max_images, progress)
         if info.main and metrics:
-            log.write({"iteration": it, **_flat_metrics(metrics)})
+            record = {"iteration": it, **_flat_metrics(metrics), **{f"val/{k}": v for k, v in val.items()}}
+            log.write(record)
+            board.overlays(model, val_set, it, cfg.train.tensorboard_images)
+            if best is not None and best.update(record):
+                save_checkpoint(out_dir / "model_best.pth", model.state_dict(), cfg.to_dict(), class_map.to_dict(),
+                                it, extra={"best": {"metric": best.key, "value": best.best}}, resumable=False)
         return metrics
+
+    def early_stop() -> bool:
+        """Whether the best metric has gone stale (decided on the main process, told to all)."""
+        stop = torch.tensor(int(best is not None and best.should_stop and info.main), device=device)
+        if info.world_size > 1:
+            dist.broadcast(stop, 0)
+        return bool(stop.item())
 
     last_good = str(ckpt) if ckpt else None
     # a bar only where someone watches it (in a file it is one line rewritten in place), and only when
@@ -366,7 +416,6 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
     bar = tqdm(total=cfg.solver.max_iter, initial=start_iter, desc="training", disable=not (use_bar and info.main),
                dynamic_ncols=True)
     print_lines = info.main and not use_bar
-    monitor = LossMonitor(device)
 
     def stop_if_not_finite(collective: bool = True) -> None:
         bad = monitor.first_bad_iteration(info.world_size if collective else 1)
@@ -390,12 +439,20 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
             lr = learning_rate(cfg, it)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with network_precision(device, amp, "solver.amp"):
-                losses = net(images, targets)
-            total = sum(losses.values())
-            monitor.add(it, losses)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
+            losses: dict[str, Tensor] = {}
+            share = len(images) // accumulate
+            for k in range(accumulate):  # gradients of the step's images summed over the passes
+                part = slice(k * share, (k + 1) * share)
+                # the processes' gradients are averaged once per step, after its last pass
+                quiet = net.no_sync() if info.world_size > 1 and k < accumulate - 1 else nullcontext()
+                with quiet:
+                    with network_precision(device, amp, "solver.amp"):
+                        part_losses = net(images[part], targets[part])
+                    scaler.scale(sum(part_losses.values()) / accumulate).backward()
+                for name, value in part_losses.items():
+                    losses[name] = losses.get(name, 0) + value.detach() / accumulate
+            monitor.add(it, losses)
             if cfg.solver.clip_grad_norm > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.solver.clip_grad_norm)
@@ -436,17 +493,32 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
         t_pause = time.perf_counter()
         if ckpt_now and info.main:
             last_good = str(checkpoint(done, f"model_{done:07d}.pth"))
+        metrics = None
         if eval_now:
-            run_eval(done)
+            metrics = run_eval(done)
             net.train()
         t_last += time.perf_counter() - t_pause  # s/it and the ETA count training steps only
+        if eval_now and early_stop():
+            if info.main:
+                print(f"early stopping at iteration {done}: {best.key} has not improved for {best.stale} "
+                      f"evaluations (train.early_stop_patience); best {best.describe()}, in model_best.pth",
+                      flush=True)
+                log.write({"iteration": done, "early_stop": True})
+            break
+    else:
+        done, metrics = cfg.solver.max_iter, None
     stop_if_not_finite()
     bar.close()
     final = None
     if info.main:
-        final = checkpoint(cfg.solver.max_iter, "model_final.pth")
-    metrics = run_eval(cfg.solver.max_iter)
-    result = {"output_dir": str(out_dir), "checkpoint": str(final) if final else None, "metrics": metrics}
+        final = checkpoint(done, "model_final.pth")
+    if metrics is None:  # not evaluated at this iteration yet
+        metrics = run_eval(done)
+    result = {"output_dir": str(out_dir), "checkpoint": str(final) if final else None, "metrics": metrics,
+              "iterations": done, "best": ({"metric": best.key, "value": best.best, "iteration": best.best_iteration,
+                                            "checkpoint": str(out_dir / "model_best.pth")}
+                                           if best is not None and best.best is not None else None)}
+    board.close()
     if info.main:
         result["curves"] = str(plot_training(log.records, out_dir / "training_curves.png"))
         if metrics:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from maskrcnn._extras import require as require_extra
 from maskrcnn.export.graph import DeployableDetector, UnsupportedExport
 from maskrcnn.modeling.detector import MaskRCNN
 
@@ -24,10 +25,6 @@ FORMATS = ("onnx", "exported-program")
 EXPORT_EXTRA = "pip install 'maskrcnn[export]'"
 METADATA_KEY = "maskrcnn"
 FORMAT_VERSION = 1
-
-
-class MissingExtra(ImportError):
-    """An optional dependency is not installed; the message names the pip line."""
 
 
 # TorchScript is deliberately not written: torch.jit is deprecated (torch 2.13's trace warns "switch to
@@ -48,13 +45,8 @@ def check_format(format: str) -> None:
 
 
 def require(module: str, purpose: str):
-    """Import an optional dependency or say which pip line installs it."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise MissingExtra(f"{purpose} needs the '{module}' package, which is not installed: {EXPORT_EXTRA}") from e
+    """Import an optional dependency of the export extra or say which pip line installs it."""
+    return require_extra(module, purpose, EXPORT_EXTRA)
 
 
 def _example_inputs() -> tuple[torch.Tensor, torch.Tensor]:
