@@ -1,5 +1,6 @@
 """The command line: help texts, train -> eval -> predict on tiny data, config errors, convert."""
 
+import csv
 import json
 import sys
 import warnings
@@ -43,10 +44,22 @@ def test_train_eval_predict(trained, capsys):
     ckpt = trained / "train" / "model_final.pth"
     assert ckpt.is_file()
     capsys.readouterr()
-    assert main(["eval", "--weights", str(ckpt), "--output", str(trained / "eval")]) == 0
+    assert main(["eval", "--weights", str(ckpt), "--output", str(trained / "eval"), "--analyze"]) == 0
     out = capsys.readouterr().out
     assert "segm: AP" in out and "per class AP: circle" in out
     assert (trained / "eval" / "coco_bbox_results.json").is_file()
+    # --analyze: the tables printed, CSVs and charts written for boxes and masks
+    assert "bbox errors (AP50" in out and "segm errors (AP50" in out and "missed" in out
+    analysis = trained / "eval" / "analysis"
+    for kind in ("bbox", "segm"):
+        for name in (f"confusion_{kind}.png", f"pr_{kind}.png", f"errors_{kind}.png"):
+            assert Image.open(analysis / name).size[0] > 300
+        rows = list(csv.reader((analysis / f"confusion_{kind}.csv").open()))
+        # every object of the validation set is in its true class's row: matched, confused or missed
+        gt = json.loads((trained / "shapes" / "annotations" / "instances_val.json").read_text())
+        per_class = {c["name"]: sum(a["category_id"] == c["id"] and not a.get("iscrowd") for a in gt["annotations"])
+                     for c in gt["categories"]}
+        assert {r[0]: sum(map(int, r[1:])) for r in rows[1:-1]} == per_class
     images = trained / "shapes" / "val"
     assert main(["predict", str(images), "--weights", str(ckpt), "--output", str(trained / "pred"),
                  "--score-thresh", "0"]) == 0

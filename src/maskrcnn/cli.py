@@ -105,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--fast", action="store_true", help=FAST_HELP)
     e.add_argument("--no-progress", action="store_true", help="no progress bar (none either when not on a terminal)")
     e.add_argument("--classes", metavar="FILE", help=CLASSES_HELP + "; replaces the checkpoint's class map")
+    e.add_argument("--analyze", action="store_true",
+                   help="also write the error analysis to <output>/analysis: confusion matrices, precision-recall "
+                   "curves per class, and the AP50 each kind of error costs (CSV and PNG)")
     e.add_argument("--allow-class-mismatch", action="store_true",
                    help="evaluate even when the dataset's categories name other classes than the checkpoint's "
                    "(both maps are printed)")
@@ -287,6 +290,7 @@ def _cmd_eval(args) -> int:
     from maskrcnn.engine.predictor import Predictor
     from maskrcnn.engine.trainer import DistInfo, init_distributed, select_device
     from maskrcnn.evaluation.coco_eval import format_metrics
+    from maskrcnn.evaluation.report import write_analysis
     from maskrcnn.config import Config
 
     _check_output_dir(args.output)
@@ -323,6 +327,8 @@ def _cmd_eval(args) -> int:
                                  progress=not args.no_progress, oks_sigmas=cfg.model.keypoint_head.oks_sigmas)
         if info.main:
             print(format_metrics(metrics))
+            if args.analyze:
+                write_analysis(json_path, Path(args.output), pred.class_map, metrics)
             print(f"results: {Path(args.output).resolve()}")
     finally:
         if info.world_size > 1 and dist.is_initialized():

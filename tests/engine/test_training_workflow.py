@@ -87,6 +87,9 @@ def test_best_checkpoint_and_validation_loss_of_a_run(tmp_path):
     # --resume continues from the newest checkpoint, not from the best one
     assert last_checkpoint(tmp_path / "train").name == "model_final.pth"
     assert "optimizer" not in state  # a model to deploy, not to resume
+    # the final evaluation's error analysis, as eval --analyze writes it
+    assert result["analysis"] == str(tmp_path / "train" / "analysis")
+    assert (tmp_path / "train" / "analysis" / "errors_segm.csv").read_text().startswith("error,count,AP50 gained")
     # the same records as TensorBoard events (the tensorboard extra is installed by the test command)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

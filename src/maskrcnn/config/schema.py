@@ -337,6 +337,7 @@ class TrainConfig:
     tensorboard: str = _choice("auto", TENSORBOARD_MODES, "TensorBoard event files in output_dir: auto (when the "
                                "tensorboard package is installed), always (required), never")
     tensorboard_images: int = _at_least(3, 0)  # validation images drawn with their detections at each evaluation
+    analyze_at_end: bool = True  # the error analysis of the final evaluation (as eval --analyze) in output_dir/analysis
 
 
 def _to_plain(obj: Any) -> Any:

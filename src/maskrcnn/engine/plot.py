@@ -1,4 +1,4 @@
-"""A small line-chart renderer (PIL only) for the training curves: losses, learning rate, AP."""
+"""The training curves (``training_curves.png``) from the records of ``metrics.jsonl``, with matplotlib."""
 
 from __future__ import annotations
 
@@ -6,72 +6,73 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from PIL import Image, ImageDraw
 
-COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-          (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-
-
-def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str,
-           series: dict[str, Sequence[tuple[float, float]]], log_y: bool = False) -> None:
-    x0, y0, x1, y1 = box
-    draw.text((x0 + 4, y0 + 2), title, fill=(0, 0, 0))
-    px0, py0, px1, py1 = x0 + 50, y0 + 18, x1 - 10, y1 - 20
-    draw.rectangle([px0, py0, px1, py1], outline=(160, 160, 160))
-    pts = [(x, y) for s in series.values() for x, y in s if math.isfinite(y) and (y > 0 or not log_y)]
-    if not pts:
-        draw.text((px0 + 10, py0 + 10), "no data", fill=(120, 120, 120))
-        return
-    fy = (lambda v: math.log10(v)) if log_y else (lambda v: v)
-    xmin, xmax = min(p[0] for p in pts), max(p[0] for p in pts)
-    ymin, ymax = min(fy(p[1]) for p in pts), max(fy(p[1]) for p in pts)
-    xmax, ymax = (xmax if xmax > xmin else xmin + 1), (ymax if ymax > ymin else ymin + 1e-9)
-
-    def to_px(x: float, y: float) -> tuple[float, float]:
-        return (px0 + (x - xmin) / (xmax - xmin) * (px1 - px0), py1 - (fy(y) - ymin) / (ymax - ymin) * (py1 - py0))
-
-    for frac in (0.0, 0.5, 1.0):
-        v = ymin + frac * (ymax - ymin)
-        label = f"{10 ** v:.3g}" if log_y else f"{v:.3g}"
-        draw.text((x0 + 2, py1 - frac * (py1 - py0) - 6), label, fill=(80, 80, 80))
-    draw.text((px0, py1 + 4), f"{xmin:.0f}", fill=(80, 80, 80))
-    draw.text((px1 - 40, py1 + 4), f"{xmax:.0f} it", fill=(80, 80, 80))
-    for k, (name, s) in enumerate(series.items()):
-        color = COLORS[k % len(COLORS)]
-        line = [to_px(x, y) for x, y in s if math.isfinite(y) and (y > 0 or not log_y)]
-        if len(line) > 1:
-            draw.line(line, fill=color, width=2)
-        for x, y in line if len(line) <= 20 else []:  # few points (evaluations): mark each one
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-    # the legend, boxed in the top right corner so it never hides the curves' start
-    width = max(int(draw.textlength(n)) for n in series) + 26
-    lx0, ly0 = px1 - width - 6, py0 + 6
-    draw.rectangle([lx0, ly0, px1 - 6, ly0 + 12 * len(series) + 6], fill=(255, 255, 255), outline=(200, 200, 200))
-    for k, name in enumerate(series):
-        color = COLORS[k % len(COLORS)]
-        y = ly0 + 4 + 12 * k
-        draw.line([lx0 + 4, y + 6, lx0 + 16, y + 6], fill=color, width=2)
-        draw.text((lx0 + 20, y), name, fill=(0, 0, 0))
-
-
-def plot_training(history: Sequence[dict], path: str | Path) -> Path:
-    """Three panels from the metrics JSONL records: losses (log scale), learning rate, AP."""
+def _series(history: Sequence[dict]) -> tuple[dict, dict, list, dict]:
+    """Training losses, validation losses, learning rate and AP, each as ``name -> [(iteration, value)]``."""
     losses: dict[str, list] = {}
-    lr, ap = [], {}
+    val: dict[str, list] = {}
+    lr: list = []
+    ap: dict[str, list] = {}
     for rec in history:
         it = rec.get("iteration", 0)
         for k, v in rec.items():
-            if k.startswith("loss") and isinstance(v, (int, float)):
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                continue
+            if k.startswith("loss") or k == "total_loss":
                 losses.setdefault(k, []).append((it, v))
-            elif k.endswith("/AP") and isinstance(v, (int, float)):
+            elif k.startswith("val/"):
+                val.setdefault(k, []).append((it, v))
+            elif k.endswith("/AP") and v >= 0:  # pycocotools' -1: not measured
                 ap.setdefault(k, []).append((it, v))
-        if "lr" in rec:
-            lr.append((it, rec["lr"]))
-    img = Image.new("RGB", (900, 780), (255, 255, 255))
-    draw = ImageDraw.Draw(img)
-    _panel(draw, (0, 0, 900, 340), "losses", losses, log_y=True)
-    _panel(draw, (0, 340, 900, 560), "learning rate", {"lr": lr})
-    _panel(draw, (0, 560, 900, 780), "AP on the validation set", ap)
+            elif k == "lr":
+                lr.append((it, v))
+    return losses, val, lr, ap
+
+
+def plot_training(history: Sequence[dict], path: str | Path) -> Path:
+    """Three panels: the losses on a log scale (training, and validation as dashed lines of the same
+    colour), the learning rate, and AP at each evaluation. Legends sit beside the panels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    losses, val, lr, ap = _series(history)
+    fig, (ax_loss, ax_lr, ax_ap) = plt.subplots(3, 1, figsize=(10, 10), sharex=True,
+                                                gridspec_kw={"height_ratios": [2, 1, 1.3]})
+    colors = plt.get_cmap("tab10")
+    names = sorted(losses, key=lambda k: (k != "total_loss", k))
+    for i, name in enumerate(names):
+        xs, ys = zip(*losses[name])
+        ax_loss.plot(xs, ys, color=colors(i % 10), linewidth=1.5 if name == "total_loss" else 1, label=name)
+        if f"val/{name}" in val:
+            vx, vy = zip(*val[f"val/{name}"])
+            ax_loss.plot(vx, vy, color=colors(i % 10), linestyle="--", marker="o", markersize=3,
+                         label=f"{name} (validation)")
+    if any(y > 0 for s in losses.values() for _, y in s):
+        ax_loss.set_yscale("log")
+    ax_loss.set_ylabel("loss")
+    ax_loss.set_title("training losses (mean per log period) and validation losses (dashed)")
+    if lr:
+        xs, ys = zip(*lr)
+        ax_lr.plot(xs, ys, color="black", linewidth=1)
+    ax_lr.set_ylabel("learning rate")
+    for i, (name, points) in enumerate(sorted(ap.items())):
+        xs, ys = zip(*points)
+        ax_ap.plot(xs, [100 * y for y in ys], marker="o", markersize=4, color=colors(i % 10), label=name)
+    if ap:  # from 0, so that a change reads at its true size
+        ax_ap.set_ylim(0, min(100.0, 1.15 * max(100 * y for s in ap.values() for _, y in s) + 1))
+    ax_ap.set_ylabel("AP (%)")
+    ax_ap.set_xlabel("iteration")
+    ax_ap.set_title("AP on the validation set")
+    for ax in (ax_loss, ax_lr, ax_ap):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+        if not ax.lines:
+            ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="gray")
+    fig.tight_layout()
     path = Path(path)
-    img.save(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
     return path

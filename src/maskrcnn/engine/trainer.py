@@ -53,6 +53,7 @@ from maskrcnn.engine.plot import plot_training
 from maskrcnn.engine.tensorboard_log import TensorBoardLog
 from maskrcnn.engine.validation import validation_losses
 from maskrcnn.evaluation.coco_eval import format_metrics
+from maskrcnn.evaluation.report import write_analysis
 from maskrcnn.interop.torchvision import load_imagenet_backbone
 from maskrcnn.modeling.build import build_model
 from maskrcnn.modeling.norm import FrozenBatchNorm2d
@@ -523,6 +524,9 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
         result["curves"] = str(plot_training(log.records, out_dir / "training_curves.png"))
         if metrics:
             print(format_metrics(metrics))
+            if cfg.train.analyze_at_end:
+                result["analysis"] = str(write_analysis(val_set.json_path, out_dir / "inference", class_map, metrics,
+                                                        out_dir / "analysis"))
     if info.world_size > 1:
         dist.barrier()
     return result
