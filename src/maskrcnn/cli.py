@@ -173,6 +173,23 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--classes", metavar="FILE", help=CLASSES_HELP + "; stored in the checkpoint. Without it, heads "
                    "of COCO's layouts get COCO's classes, others placeholder names 1..K that eval refuses")
 
+    n = sub.add_parser("inspect", help="look at a dataset before training: ground-truth overlays, histograms, "
+                       "and how the config's anchors fit its objects",
+                       description="Writes ground-truth overlays of a few images, histograms (instances per class, "
+                       "object sizes, instances per image), report.txt (counts, rare classes, what the loader "
+                       "skipped) and the anchor fit (anchors.png: each object's best anchor IoU against its size, "
+                       "with the RPN's thresholds, and a suggestion) for the dataset of --dataset, or the training "
+                       "set of the config.")
+    _add_config_args(n, "shapes_R_18_FPN")
+    n.add_argument("--dataset", help="instances JSON to inspect (default: the config's data.train_json, or the "
+                   "built-in shapes)")
+    n.add_argument("--images", help="image folder of --dataset (default: the JSON's folder)")
+    n.add_argument("--output", default="outputs/inspect", help="where the pictures and report go (default: "
+                   "outputs/inspect)")
+    n.add_argument("--num-images", type=int, default=8, help="ground-truth overlays to draw (default: 8)")
+    n.add_argument("--max-images", type=int, default=500,
+                   help="images sampled for the anchor fit (default: 500)")
+
     s = sub.add_parser("smoke", help="run the detection ops (NMS, RoIAlign, RoIPool) on a generated image",
                        description="Generate an image with shapes and detector-like candidate boxes, keep the best "
                        "with NMS, pool them with RoIAlign and RoIPool, print timings and write a PNG of the result.")
@@ -427,6 +444,34 @@ def _cmd_convert(args) -> int:
     return 0
 
 
+def _cmd_inspect(args) -> int:
+    from maskrcnn.config import get_config
+    from maskrcnn.data.build import dataset_paths
+    from maskrcnn.data.coco import CocoDataset
+    from maskrcnn.inspection.anchors import anchor_report, best_anchor_iou, plot_anchor_fit
+    from maskrcnn.inspection.dataset import inspect_dataset
+
+    cfg = get_config(args.config, args.overrides)
+    out = _check_output_dir(args.output)
+    if args.num_images < 0 or args.max_images < 1:
+        raise ValueError("--num-images must be at least 0 and --max-images at least 1")
+    if args.dataset:
+        json_path, images = Path(args.dataset), Path(args.images or Path(args.dataset).parent)
+    else:
+        json_path, images = dataset_paths(cfg)["train"]
+    # bitmaps, so that the overlays show the masks; every problem reported, none fatal
+    dataset = CocoDataset(json_path, images, mask_format="bitmap", keypoints=cfg.model.keypoint_on,
+                          keypoint_convention=cfg.model.keypoint_head.pixel_convention)
+    print(inspect_dataset(dataset, out, args.num_images))
+    stats = best_anchor_iou(dataset, cfg, args.max_images)
+    fit = anchor_report(stats, cfg)
+    plot_anchor_fit(stats, cfg, out / "anchors.png")
+    with open(out / "report.txt", "a") as f:
+        f.write("\nanchors (" + (args.config or "") + "):\n" + fit + "\n")
+    print(f"anchors of {args.config}:\n{fit}\npictures and report: {out.resolve()}")
+    return 0
+
+
 def _cmd_smoke(args) -> int:
     from maskrcnn.engine.smoke import run_smoke
 
@@ -495,7 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     commands = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "demo": _cmd_demo,
-                "convert": _cmd_convert, "smoke": _cmd_smoke, "export": _cmd_export}
+                "convert": _cmd_convert, "smoke": _cmd_smoke, "export": _cmd_export,
+                "inspect": _cmd_inspect}
     if args.command not in commands:
         parser.print_help()
         return EXIT_USAGE

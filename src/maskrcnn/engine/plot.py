@@ -32,11 +32,9 @@ def _series(history: Sequence[dict]) -> tuple[dict, dict, list, dict]:
 def plot_training(history: Sequence[dict], path: str | Path) -> Path:
     """Three panels: the losses on a log scale (training, and validation as dashed lines of the same
     colour), the learning rate, and AP at each evaluation. Legends sit beside the panels."""
-    import matplotlib
+    from maskrcnn._pyplot import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     losses, val, lr, ap = _series(history)
     fig, (ax_loss, ax_lr, ax_ap) = plt.subplots(3, 1, figsize=(10, 10), sharex=True,
                                                 gridspec_kw={"height_ratios": [2, 1, 1.3]})

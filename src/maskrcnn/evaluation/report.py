@@ -10,29 +10,16 @@ For each result type (``bbox``, ``segm``) in ``out_dir``:
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 
+from maskrcnn._pyplot import pyplot
+from maskrcnn.evaluation.coco_eval import _quiet  # pycocotools prints as it works
 from maskrcnn.evaluation.analysis import ERROR_KINDS, Instance, confusion_matrix, error_breakdown, pr_curves
 from maskrcnn.structures.class_map import ClassMap
-
-
-def _quiet():
-    return contextlib.redirect_stdout(io.StringIO())
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _instances(coco, results, iou_type: str, image_ids: list[int]) -> list[tuple[list[Instance], list[Instance]]]:
@@ -94,7 +81,7 @@ def format_errors(iou_type: str, errors: dict) -> str:
 
 
 def _plot_confusion(cm: np.ndarray, names: list[str], path: Path, iou_type: str, score_thresh: float) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     k = len(names) + 1
     size = min(4 + 0.45 * k, 24)
     fig, ax = plt.subplots(figsize=(size + 1.5, size))
@@ -119,7 +106,7 @@ def _plot_confusion(cm: np.ndarray, names: list[str], path: Path, iou_type: str,
 
 
 def _plot_pr(curves: dict[float, np.ndarray], names: list[str], path: Path, iou_type: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
     recall = np.linspace(0, 1, 101)
     cmap = plt.get_cmap("tab20")
@@ -142,7 +129,7 @@ def _plot_pr(curves: dict[float, np.ndarray], names: list[str], path: Path, iou_
 
 
 def _plot_errors(errors: dict, path: Path, iou_type: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     kinds = list(ERROR_KINDS)
     gains = [100 * errors["delta_ap50"][k] for k in kinds]

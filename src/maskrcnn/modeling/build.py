@@ -27,6 +27,19 @@ from maskrcnn.modeling.roi_heads.standard import StandardROIHeads
 from maskrcnn.modeling.rpn import RPN, RPNHead
 
 
+def build_anchor_generator(cfg: Config) -> AnchorGenerator:
+    """The RPN's anchors: one level per RPN feature map (FPN: strides 4-64; C4: 16)."""
+    m = cfg.model
+    rpn_strides = (16,) if m.architecture == "C4" else (4, 8, 16, 32, 64)
+    if len(m.anchors.sizes) != len(rpn_strides):
+        raise ValueError(f"model.anchors.sizes has {len(m.anchors.sizes)} levels but the {m.architecture} RPN "
+                         f"runs on {len(rpn_strides)}")
+    anchors = AnchorGenerator(m.anchors.sizes, m.anchors.aspect_ratios, rpn_strides, m.anchors.style, m.anchors.offset)
+    if len(set(anchors.num_anchors)) != 1:
+        raise ValueError("the RPN head is shared by all levels: every level needs the same number of anchors")
+    return anchors
+
+
 def build_model(cfg: Config) -> MaskRCNN:
     """The detector described by ``cfg.model``, with freshly initialised weights (``model.backbone.weights``
     is not read here: see ``maskrcnn.engine.trainer``)."""
@@ -48,13 +61,7 @@ def build_model(cfg: Config) -> MaskRCNN:
                   m.fpn.norm_eps)
         backbone, channels, strides = Backbone(body, fpn), m.fpn.out_channels, (4, 8, 16, 32)
         rpn_levels, roi_levels = (0, 1, 2, 3, 4), (0, 1, 2, 3)
-    rpn_strides = strides if c4 else strides + (64,)
-    if len(m.anchors.sizes) != len(rpn_strides):
-        raise ValueError(f"model.anchors.sizes has {len(m.anchors.sizes)} levels but the {m.architecture} RPN "
-                         f"runs on {len(rpn_strides)}")
-    anchors = AnchorGenerator(m.anchors.sizes, m.anchors.aspect_ratios, rpn_strides, m.anchors.style, m.anchors.offset)
-    if len(set(anchors.num_anchors)) != 1:
-        raise ValueError("the RPN head is shared by all levels: every level needs the same number of anchors")
+    anchors = build_anchor_generator(cfg)
     r = m.rpn
     rpn = RPN(RPNHead(channels, anchors.num_anchors[0], r.num_convs), anchors, fg_iou=r.fg_iou_thresh,
               bg_iou=r.bg_iou_thresh, batch_size_per_image=r.batch_size_per_image,
