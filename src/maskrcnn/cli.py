@@ -190,6 +190,16 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--max-images", type=int, default=500,
                    help="images sampled for the anchor fit (default: 500)")
 
+    d = sub.add_parser("convert-data", help="convert labelme or YOLO segmentation annotations to COCO JSON",
+                       description="Write a COCO instances JSON from a folder of labelme files, or a YOLO "
+                       "segmentation dataset (images/, labels/, data.yaml), check it with the loader train uses, "
+                       "and say what could not be converted. Train on it with data.train_json/data.train_images.")
+    d.add_argument("format", choices=["labelme", "yolo"], help="the annotations' format")
+    d.add_argument("source", help="labelme: the folder of .json files (and images); yolo: the dataset root")
+    d.add_argument("--output", "-o", required=True, help="the COCO JSON to write")
+    d.add_argument("--classes", metavar="FILE", help="class names in id order (1..K): " + CLASSES_HELP.split(": ", 1)[1]
+                   + " (default: labelme: sorted labels; yolo: data.yaml's names)")
+
     s = sub.add_parser("smoke", help="run the detection ops (NMS, RoIAlign, RoIPool) on a generated image",
                        description="Generate an image with shapes and detector-like candidate boxes, keep the best "
                        "with NMS, pool them with RoIAlign and RoIPool, print timings and write a PNG of the result.")
@@ -472,6 +482,36 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _cmd_convert_data(args) -> int:
+    import json
+
+    from maskrcnn.data.coco import CocoDataset
+    from maskrcnn.data.importers import from_labelme, from_yolo
+    from maskrcnn.engine.checkpoint import atomic_write
+    from maskrcnn.structures.class_map import ClassMap
+
+    output = Path(args.output)
+    if output.is_dir():
+        raise IsADirectoryError(f"--output {output} is a folder: give the JSON file to write")
+    _check_output_dir(output.parent, "the output's folder")
+    names = ClassMap.from_file(args.classes).names if args.classes else None
+    source = Path(args.source)
+    if not source.is_dir():
+        raise FileNotFoundError(f"{source}: no such folder")
+    coco, problems = from_labelme(source, names) if args.format == "labelme" else from_yolo(source, names)
+    atomic_write(output, lambda f: f.write(json.dumps(coco).encode()))
+    images = source if args.format == "labelme" else source / "images"
+    for line in problems:
+        print(f"not converted: {line}", file=sys.stderr)
+    dataset = CocoDataset(output, images, keep_empty=True)  # the checks of training; it warns what it skips
+    print(f"wrote {output}: {len(coco['images'])} images, {len(coco['annotations'])} instances, "
+          f"{len(coco['categories'])} classes ({', '.join(c['name'] for c in coco['categories'])}); "
+          f"{len(problems)} shapes or lines not converted; the loader would skip {len(dataset.report)}"
+          + (f" ({dataset.report[0]} ...)" if dataset.report else "") + f"\ntrain with --set data.train_json={output} "
+          f"--set data.train_images={images}")
+    return 0
+
+
 def _cmd_smoke(args) -> int:
     from maskrcnn.engine.smoke import run_smoke
 
@@ -541,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     commands = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "demo": _cmd_demo,
                 "convert": _cmd_convert, "smoke": _cmd_smoke, "export": _cmd_export,
-                "inspect": _cmd_inspect}
+                "inspect": _cmd_inspect, "convert-data": _cmd_convert_data}
     if args.command not in commands:
         parser.print_help()
         return EXIT_USAGE

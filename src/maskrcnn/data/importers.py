@@ -1,0 +1,171 @@
+"""Other annotation formats to COCO instances JSON (``maskrcnn convert-data``): labelme and YOLO
+segmentation. The result is checked by the same loader as any COCO file (``CocoDataset``).
+
+- **labelme**: a folder of ``*.json`` files, one per image (``imagePath``, ``imageHeight``,
+  ``imageWidth``, ``shapes``). ``polygon`` shapes are instances; ``rectangle`` and ``circle``
+  shapes become polygons; shapes with the same ``group_id`` and label are one instance of several
+  parts; ``line``, ``linestrip`` and ``point`` shapes cannot be instances and are reported.
+- **YOLO segmentation**: ``images/`` and ``labels/`` (one ``.txt`` per image, a line per instance:
+  ``class x1 y1 x2 y2 ...``, coordinates normalised to 0-1, class 0-based) and the class names
+  (a ``data.yaml`` with ``names``, or ``--classes``). A detection line (``class cx cy w h``)
+  becomes a rectangle polygon, reported.
+
+Classes: by name, ids 1..K in the order given (``--classes``, or YOLO's names), else sorted names.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+CIRCLE_POINTS = 32
+
+
+class ImportProblems(list):
+    """What could not be converted, a line each (reported, not fatal)."""
+
+
+def _polygon_area(flat: Sequence[float]) -> float:
+    xs, ys = flat[0::2], flat[1::2]
+    n = len(xs)
+    return abs(sum(xs[i] * ys[(i + 1) % n] - xs[(i + 1) % n] * ys[i] for i in range(n))) / 2
+
+
+def _coco(images: list[dict], instances: list[tuple[int, str, list[list[float]]]], names: list[str]) -> dict:
+    """COCO instances from ``(image id, class name, polygons)``; ``names`` gives the ids (1..K)."""
+    ids = {n: i + 1 for i, n in enumerate(names)}
+    annotations = []
+    for image_id, name, polygons in instances:
+        flat = [v for p in polygons for v in p]
+        x0, y0 = min(flat[0::2]), min(flat[1::2])
+        x1, y1 = max(flat[0::2]), max(flat[1::2])
+        annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": ids[name],
+                            "segmentation": polygons, "bbox": [x0, y0, x1 - x0, y1 - y0],
+                            "area": sum(_polygon_area(p) for p in polygons), "iscrowd": 0})
+    return {"images": images, "annotations": annotations,
+            "categories": [{"id": ids[n], "name": n} for n in names]}
+
+
+def _shape_polygon(shape: dict) -> list[float] | None:
+    points = shape.get("points") or []
+    kind = shape.get("shape_type") or "polygon"
+    if kind == "polygon" and len(points) >= 3:
+        return [float(v) for p in points for v in p[:2]]
+    if kind == "rectangle" and len(points) == 2:
+        (xa, ya), (xb, yb) = points
+        x0, x1, y0, y1 = min(xa, xb), max(xa, xb), min(ya, yb), max(ya, yb)
+        return [x0, y0, x1, y0, x1, y1, x0, y1]
+    if kind == "circle" and len(points) == 2:  # centre and a point on the circle
+        (cx, cy), (px, py) = points
+        r = math.hypot(px - cx, py - cy)
+        return [v for k in range(CIRCLE_POINTS) for v in (cx + r * math.cos(2 * math.pi * k / CIRCLE_POINTS),
+                                                          cy + r * math.sin(2 * math.pi * k / CIRCLE_POINTS))]
+    return None
+
+
+def from_labelme(folder: str | Path, names: Sequence[str] | None = None) -> tuple[dict, ImportProblems]:
+    """COCO instances of a folder of labelme files; image ``file_name`` relative to ``folder``."""
+    folder = Path(folder)
+    files = sorted(folder.glob("*.json"))
+    if not files:
+        raise FileNotFoundError(f"no labelme .json files in {folder}")
+    problems = ImportProblems()
+    images, instances = [], []
+    for f in files:
+        try:
+            data = json.loads(f.read_text())
+            shapes, image_path = data["shapes"], data["imagePath"]
+            height, width = int(data["imageHeight"]), int(data["imageWidth"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            problems.append(f"{f.name}: not a labelme file ({type(e).__name__}: {e})")
+            continue
+        image_id = len(images) + 1
+        # labelme's imagePath is relative to its JSON file, which is in ``folder``
+        images.append({"id": image_id, "file_name": str(image_path).replace("\\", "/"), "height": height,
+                       "width": width})
+        groups: dict[tuple, list[list[float]]] = {}
+        for k, shape in enumerate(shapes):
+            polygon = _shape_polygon(shape)
+            label = shape.get("label")
+            if polygon is None or not label:
+                problems.append(f"{f.name}: shape {k} ({shape.get('shape_type') or 'polygon'}, "
+                                f"{len(shape.get('points') or [])} points, label {label!r}) is not an instance outline")
+                continue
+            group = shape.get("group_id")
+            key = (label, group) if group is not None else (label, f"shape{k}")
+            groups.setdefault(key, []).append(polygon)
+        instances += [(image_id, label, polygons) for (label, _), polygons in groups.items()]
+    names = list(names) if names else sorted({name for _, name, _ in instances})
+    unknown = sorted({name for _, name, _ in instances} - set(names))
+    if unknown:
+        raise ValueError(f"labels {unknown} are not among the classes given ({names})")
+    return _coco(images, instances, names), problems
+
+
+def _yolo_names(root: Path, names: Sequence[str] | None) -> list[str]:
+    if names:
+        return list(names)
+    import yaml
+
+    for candidate in (root / "data.yaml", root / "dataset.yaml"):
+        if candidate.is_file():
+            got = (yaml.safe_load(candidate.read_text()) or {}).get("names")
+            if isinstance(got, dict):  # {0: person, 1: bicycle}
+                return [str(got[k]) for k in sorted(got)]
+            if isinstance(got, list):
+                return [str(n) for n in got]
+    raise FileNotFoundError(f"no class names for {root}: give --classes, or a data.yaml with 'names' in it")
+
+
+def from_yolo(root: str | Path, names: Sequence[str] | None = None, images: str = "images",
+              labels: str = "labels") -> tuple[dict, ImportProblems]:
+    """COCO instances of a YOLO segmentation dataset ``root/images``, ``root/labels``."""
+    root = Path(root)
+    image_dir, label_dir = root / images, root / labels
+    if not image_dir.is_dir() or not label_dir.is_dir():
+        raise FileNotFoundError(f"a YOLO dataset has {image_dir} and {label_dir}; one of them is missing")
+    classes = _yolo_names(root, names)
+    problems = ImportProblems()
+    coco_images, instances = [], []
+    for path in sorted(p for p in image_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        try:
+            with Image.open(path) as im:
+                width, height = im.size
+        except OSError as e:
+            problems.append(f"{path.name}: unreadable image ({e})")
+            continue
+        image_id = len(coco_images) + 1
+        coco_images.append({"id": image_id, "file_name": str(path.relative_to(image_dir)), "height": height,
+                            "width": width})
+        label_file = label_dir / path.relative_to(image_dir).with_suffix(".txt")
+        if not label_file.is_file():
+            continue  # an image without objects
+        for n, line in enumerate(label_file.read_text().splitlines(), start=1):
+            parts = line.split()
+            if not parts:
+                continue
+            try:
+                cls, values = int(parts[0]), [float(v) for v in parts[1:]]
+            except ValueError:
+                problems.append(f"{label_file.name}:{n}: not numbers: {line.strip()!r}")
+                continue
+            if not 0 <= cls < len(classes):
+                problems.append(f"{label_file.name}:{n}: class {cls} outside 0..{len(classes) - 1}")
+                continue
+            if len(values) == 4:  # a detection line: the box is all there is
+                cx, cy, w, h = values
+                values = [cx - w / 2, cy - h / 2, cx + w / 2, cy - h / 2, cx + w / 2, cy + h / 2, cx - w / 2, cy + h / 2]
+                problems.append(f"{label_file.name}:{n}: a box, not a polygon: its rectangle is the mask")
+            if len(values) < 6 or len(values) % 2:
+                problems.append(f"{label_file.name}:{n}: {len(values)} coordinates, not a polygon")
+                continue
+            polygon = [v * (width if k % 2 == 0 else height) for k, v in enumerate(values)]
+            instances.append((image_id, classes[cls], [polygon]))
+    if not coco_images:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {image_dir}")
+    return _coco(coco_images, instances, classes), problems

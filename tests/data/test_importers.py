@@ -1,0 +1,72 @@
+"""labelme and YOLO segmentation to COCO: hand-made files with known answers, then the loader."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from maskrcnn.cli import main
+from maskrcnn.data.coco import CocoDataset
+from maskrcnn.data.importers import from_labelme, from_yolo
+
+
+def _labelme(folder, name, shapes, size=(40, 30)):
+    Image.new("RGB", size).save(folder / f"{name}.png")
+    (folder / f"{name}.json").write_text(json.dumps({"imagePath": f"{name}.png", "imageWidth": size[0],
+                                                     "imageHeight": size[1], "shapes": shapes}))
+
+
+def test_labelme_shapes_groups_and_what_is_not_an_instance(tmp_path):
+    _labelme(tmp_path, "a", [
+        {"label": "dog", "shape_type": "polygon", "points": [[1, 1], [11, 1], [11, 6]]},
+        {"label": "cat", "shape_type": "rectangle", "points": [[20, 10], [10, 2]]},  # corners in any order
+        {"label": "cat", "shape_type": "polygon", "points": [[30, 20], [35, 20], [35, 25]], "group_id": 7},
+        {"label": "cat", "shape_type": "polygon", "points": [[30, 26], [35, 26], [35, 29]], "group_id": 7},
+        {"label": "cat", "shape_type": "line", "points": [[0, 0], [5, 5]]},
+    ])
+    _labelme(tmp_path, "b", [{"label": "cat", "shape_type": "circle", "points": [[20, 15], [25, 15]]}])
+    coco, problems = from_labelme(tmp_path)
+    assert [c["name"] for c in coco["categories"]] == ["cat", "dog"]  # sorted, ids 1 and 2
+    anns = coco["annotations"]
+    assert [(a["image_id"], a["category_id"], len(a["segmentation"])) for a in anns] == \
+        [(1, 2, 1), (1, 1, 1), (1, 1, 2), (2, 1, 1)]  # the two parts of group 7 are one cat
+    assert anns[0]["bbox"] == [1, 1, 10, 5] and anns[0]["area"] == pytest.approx(25.0)  # triangle 10 x 5 / 2
+    assert anns[1]["segmentation"] == [[10, 2, 20, 2, 20, 10, 10, 10]] and anns[1]["area"] == pytest.approx(80.0)
+    assert anns[3]["bbox"] == pytest.approx([15, 10, 10, 10])  # the circle of radius 5 around (20, 15)
+    assert anns[3]["area"] == pytest.approx(3.14159 * 25, rel=0.01)
+    assert len(problems) == 1 and "shape 4 (line" in problems[0]
+    with pytest.raises(ValueError, match=r"labels \['dog'\] are not among the classes"):
+        from_labelme(tmp_path, ["cat"])
+
+
+def test_yolo_segmentation_to_pixels(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "data.yaml").write_text("names: {0: person, 1: car}\n")
+    Image.new("RGB", (200, 100)).save(tmp_path / "images" / "a.jpg")
+    Image.new("RGB", (50, 50)).save(tmp_path / "images" / "empty.png")  # no label file: no objects
+    (tmp_path / "labels" / "a.txt").write_text(
+        "1 0.1 0.2 0.5 0.2 0.5 0.8\n"  # a car polygon
+        "0 0.5 0.5 0.2 0.4\n"          # a box: its rectangle
+        "5 0.1 0.1 0.2 0.2 0.3 0.3\n"  # class 5 of 2
+        "0 0.1 0.1 0.2\n")             # 3 numbers
+    coco, problems = from_yolo(tmp_path)
+    assert [c["name"] for c in coco["categories"]] == ["person", "car"]
+    assert [i["file_name"] for i in coco["images"]] == ["a.jpg", "empty.png"]
+    car, person = coco["annotations"]
+    assert car["category_id"] == 2 and car["segmentation"] == [[pytest.approx(v) for v in (20, 20, 100, 20, 100, 80)]]
+    assert person["category_id"] == 1 and person["bbox"] == pytest.approx([80, 30, 40, 40])
+    assert len(problems) == 3 and "a box, not a polygon" in problems[0] and "class 5 outside 0..1" in problems[1]
+
+
+def test_convert_data_command_writes_a_file_the_loader_trains_on(tmp_path, capsys):
+    src = tmp_path / "labelme"
+    src.mkdir()
+    _labelme(src, "a", [{"label": "dog", "shape_type": "polygon", "points": [[1, 1], [21, 1], [21, 16]]}])
+    out = tmp_path / "coco.json"
+    assert main(["convert-data", "labelme", str(src), "--output", str(out)]) == 0
+    assert f"wrote {out}: 1 images, 1 instances, 1 classes (dog)" in capsys.readouterr().out
+    dataset = CocoDataset(out, src, train=True)
+    image, target = dataset[0]
+    assert image.shape == (3, 30, 40) and target["labels"].tolist() == [1]
+    assert main(["convert-data", "yolo", str(tmp_path / "nowhere"), "--output", str(out)]) == 1
