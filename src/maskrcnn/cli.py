@@ -190,12 +190,15 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--max-images", type=int, default=500,
                    help="images sampled for the anchor fit (default: 500)")
 
-    d = sub.add_parser("convert-data", help="convert labelme or YOLO segmentation annotations to COCO JSON",
-                       description="Write a COCO instances JSON from a folder of labelme files, or a YOLO "
-                       "segmentation dataset (images/, labels/, data.yaml), check it with the loader train uses, "
+    d = sub.add_parser("convert-data", help="convert labelme, YOLO segmentation or Pascal VOC annotations to COCO JSON",
+                       description="Write a COCO instances JSON from a folder of labelme files, a YOLO "
+                       "segmentation dataset (images/, labels/, data.yaml) or a Pascal VOC tree with instance masks "
+                       "(SegmentationObject/), check it with the loader train uses, "
                        "and say what could not be converted. Train on it with data.train_json/data.train_images.")
-    d.add_argument("format", choices=["labelme", "yolo"], help="the annotations' format")
-    d.add_argument("source", help="labelme: the folder of .json files (and images); yolo: the dataset root")
+    d.add_argument("format", choices=["labelme", "yolo", "voc"], help="the annotations' format")
+    d.add_argument("source", help="labelme: the folder of .json files (and images); yolo: the dataset root; voc: "
+                   "the VOC tree (Annotations/, JPEGImages/, SegmentationObject/)")
+    d.add_argument("--split", help="voc: the ImageSets/Segmentation split to convert (e.g. train, val)")
     d.add_argument("--output", "-o", required=True, help="the COCO JSON to write")
     d.add_argument("--classes", metavar="FILE", help="class names in id order (1..K): " + CLASSES_HELP.split(": ", 1)[1]
                    + " (default: labelme: sorted labels; yolo: data.yaml's names)")
@@ -486,7 +489,7 @@ def _cmd_convert_data(args) -> int:
     import json
 
     from maskrcnn.data.coco import CocoDataset
-    from maskrcnn.data.importers import from_labelme, from_yolo
+    from maskrcnn.data.importers import from_labelme, from_voc, from_yolo
     from maskrcnn.engine.checkpoint import atomic_write
     from maskrcnn.structures.class_map import ClassMap
 
@@ -498,9 +501,15 @@ def _cmd_convert_data(args) -> int:
     source = Path(args.source)
     if not source.is_dir():
         raise FileNotFoundError(f"{source}: no such folder")
-    coco, problems = from_labelme(source, names) if args.format == "labelme" else from_yolo(source, names)
+    if args.split and args.format != "voc":
+        raise ValueError("--split is for voc (its ImageSets/Segmentation lists)")
+    if args.format == "labelme":
+        (coco, problems), images = from_labelme(source, names), source
+    elif args.format == "yolo":
+        (coco, problems), images = from_yolo(source, names), source / "images"
+    else:
+        (coco, problems), images = from_voc(source, args.split, names), source / "JPEGImages"
     atomic_write(output, lambda f: f.write(json.dumps(coco).encode()))
-    images = source if args.format == "labelme" else source / "images"
     for line in problems:
         print(f"not converted: {line}", file=sys.stderr)
     dataset = CocoDataset(output, images, keep_empty=True)  # the checks of training; it warns what it skips

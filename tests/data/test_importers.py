@@ -7,7 +7,7 @@ from PIL import Image
 
 from maskrcnn.cli import main
 from maskrcnn.data.coco import CocoDataset
-from maskrcnn.data.importers import from_labelme, from_yolo
+from maskrcnn.data.importers import from_labelme, from_voc, from_yolo
 
 
 def _labelme(folder, name, shapes, size=(40, 30)):
@@ -70,3 +70,43 @@ def test_convert_data_command_writes_a_file_the_loader_trains_on(tmp_path, capsy
     image, target = dataset[0]
     assert image.shape == (3, 30, 40) and target["labels"].tolist() == [1]
     assert main(["convert-data", "yolo", str(tmp_path / "nowhere"), "--output", str(out)]) == 1
+
+
+def _voc(root, stem, objects, index, with_mask=True):
+    import numpy as np
+
+    for d in ("Annotations", "JPEGImages", "SegmentationObject"):
+        (root / d).mkdir(exist_ok=True)
+    xml = "".join(f"<object><name>{n}</name><difficult>{int(dif)}</difficult></object>" for n, dif in objects)
+    (root / "Annotations" / f"{stem}.xml").write_text(f"<annotation><filename>{stem}.jpg</filename>{xml}</annotation>")
+    Image.new("RGB", index.shape[::-1]).save(root / "JPEGImages" / f"{stem}.jpg")
+    if with_mask:
+        png = Image.fromarray(np.asarray(index, dtype=np.uint8), mode="P")
+        png.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0] + [224, 224, 192] * 253)
+        png.save(root / "SegmentationObject" / f"{stem}.png")
+
+
+def test_voc_instance_masks_difficult_and_images_without_masks(tmp_path, capsys):
+    import numpy as np
+
+    index = np.zeros((20, 30), dtype=np.uint8)
+    index[2:8, 3:13] = 1      # the dog: 6 x 10 px
+    index[10:15, 20:25] = 2   # the difficult person: 5 x 5
+    index[8, :] = 255         # VOC's uncertain border belongs to no object
+    _voc(tmp_path, "2008_000001", [("dog", False), ("person", True)], index)
+    _voc(tmp_path, "2008_000002", [("cat", False)], index, with_mask=False)  # a detection-only image
+    (tmp_path / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (tmp_path / "ImageSets" / "Segmentation" / "train.txt").write_text("2008_000001\n2008_000002\n")
+    coco, problems = from_voc(tmp_path, "train")
+    assert len(coco["categories"]) == 20 and coco["categories"][11]["name"] == "dog"  # VOC's order, ids 1..20
+    assert coco["images"] == [{"id": 1, "file_name": "2008_000001.jpg", "height": 20, "width": 30}]
+    dog, person = coco["annotations"]
+    assert dog["category_id"] == 12 and dog["bbox"] == [3, 2, 10, 6] and dog["area"] == 60 and dog["iscrowd"] == 0
+    assert person["category_id"] == 15 and person["area"] == 25 and person["iscrowd"] == 1
+    assert problems == ["1 of 2 images have no SegmentationObject mask and were left out"]
+    out = tmp_path / "voc.json"
+    assert main(["convert-data", "voc", str(tmp_path), "--split", "train", "--output", str(out)]) == 0
+    dataset = CocoDataset(out, tmp_path / "JPEGImages", train=True)
+    image, target = dataset[0]
+    assert target["labels"].tolist() == [12] and target["crowd_boxes"].shape == (1, 4)
+    assert int(target["masks"][0].sum()) == 60

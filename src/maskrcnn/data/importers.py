@@ -1,5 +1,5 @@
-"""Other annotation formats to COCO instances JSON (``maskrcnn convert-data``): labelme and YOLO
-segmentation. The result is checked by the same loader as any COCO file (``CocoDataset``).
+"""Other annotation formats to COCO instances JSON (``maskrcnn convert-data``): labelme, YOLO
+segmentation and Pascal VOC. The result is checked by the same loader as any COCO file (``CocoDataset``).
 
 - **labelme**: a folder of ``*.json`` files, one per image (``imagePath``, ``imageHeight``,
   ``imageWidth``, ``shapes``). ``polygon`` shapes are instances; ``rectangle`` and ``circle``
@@ -10,7 +10,15 @@ segmentation. The result is checked by the same loader as any COCO file (``CocoD
   (a ``data.yaml`` with ``names``, or ``--classes``). A detection line (``class cx cy w h``)
   becomes a rectangle polygon, reported.
 
-Classes: by name, ids 1..K in the order given (``--classes``, or YOLO's names), else sorted names.
+- **Pascal VOC** with instance masks: ``Annotations/*.xml`` (boxes, class names, ``difficult``),
+  ``SegmentationObject/*.png`` (pixel value k = the k-th object of the XML, 255 = the uncertain
+  border, 0 = background) and ``JPEGImages/``; ``ImageSets/Segmentation/<split>.txt`` picks the
+  images when a split is given. An image without a ``SegmentationObject`` mask is left out (counted):
+  VOC annotates masks for its segmentation subset only. ``difficult`` objects become crowd regions,
+  which training and COCO's evaluation ignore, as VOC's own evaluation ignores them.
+
+Classes: by name, ids 1..K in the order given (``--classes``, YOLO's names, VOC's 20 classes in
+their usual order when every name is one of them), else sorted names.
 """
 
 from __future__ import annotations
@@ -169,3 +177,75 @@ def from_yolo(root: str | Path, names: Sequence[str] | None = None, images: str 
     if not coco_images:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {image_dir}")
     return _coco(coco_images, instances, classes), problems
+
+
+VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+               "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+
+
+def from_voc(root: str | Path, split: str | None = None, names: Sequence[str] | None = None
+             ) -> tuple[dict, ImportProblems]:
+    """COCO instances (RLE masks) of a Pascal VOC tree with ``SegmentationObject`` masks;
+    ``file_name`` relative to ``root/JPEGImages``."""
+    import xml.etree.ElementTree as ET
+
+    import numpy as np
+    from pycocotools import mask as mask_utils
+
+    root = Path(root)
+    if not (root / "Annotations").is_dir():
+        raise FileNotFoundError(f"{root / 'Annotations'}: no such folder (a VOC tree has Annotations/, JPEGImages/, "
+                                "SegmentationObject/)")
+    if split:
+        listing = root / "ImageSets" / "Segmentation" / f"{split}.txt"
+        if not listing.is_file():
+            raise FileNotFoundError(f"{listing}: no such split file")
+        stems = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+    else:
+        stems = sorted(p.stem for p in (root / "Annotations").glob("*.xml"))
+    problems = ImportProblems()
+    images, annotations, no_masks = [], [], 0
+    found: set[str] = set()
+    for stem in stems:
+        mask_file = root / "SegmentationObject" / f"{stem}.png"
+        if not mask_file.is_file():
+            no_masks += 1
+            continue
+        try:
+            tree = ET.parse(root / "Annotations" / f"{stem}.xml").getroot()
+            objects = [(o.findtext("name", "").strip(), o.findtext("difficult", "0").strip() == "1")
+                       for o in tree.findall("object")]
+            file_name = tree.findtext("filename") or f"{stem}.jpg"
+            with Image.open(mask_file) as im:
+                index = np.array(im)  # a palette image: the values are the object numbers
+        except (OSError, ET.ParseError) as e:
+            problems.append(f"{stem}: unreadable ({type(e).__name__}: {e})")
+            continue
+        height, width = index.shape[:2]
+        image_id = len(images) + 1
+        images.append({"id": image_id, "file_name": file_name, "height": int(height), "width": int(width)})
+        for k, (name, difficult) in enumerate(objects, start=1):
+            m = np.asfortranarray((index == k).astype(np.uint8))
+            if not m.any():
+                problems.append(f"{stem}: object {k} ({name}) has no pixels in {mask_file.name}")
+                continue
+            rle = mask_utils.encode(m)
+            x, y, w, h = (float(v) for v in mask_utils.toBbox(rle))
+            found.add(name)
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_name": name,
+                                "segmentation": {"size": [int(height), int(width)],
+                                                 "counts": rle["counts"].decode("ascii")},
+                                "bbox": [x, y, w, h], "area": float(mask_utils.area(rle)), "iscrowd": int(difficult)})
+    if no_masks:
+        problems.append(f"{no_masks} of {len(stems)} images have no SegmentationObject mask and were left out")
+    if not images:
+        raise FileNotFoundError(f"no image of {root} has a SegmentationObject mask")
+    names = list(names) if names else list(VOC_CLASSES) if found <= set(VOC_CLASSES) else sorted(found)
+    unknown = sorted(found - set(names))
+    if unknown:
+        raise ValueError(f"classes {unknown} are not among the classes given ({names})")
+    ids = {n: i + 1 for i, n in enumerate(names)}
+    for a in annotations:
+        a["category_id"] = ids[a.pop("category_name")]
+    return {"images": images, "annotations": annotations,
+            "categories": [{"id": ids[n], "name": n} for n in names]}, problems
