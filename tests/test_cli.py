@@ -341,3 +341,33 @@ def test_errors_raised_in_data_loader_workers_are_one_line():
                          "last):\n  File \"worker.py\", line 374, in _worker_loop\n    data = fetcher.fetch(index)\n"
                          "maskrcnn.data.transforms.BadImageError: cannot decode image a.png: OSError: truncated\n")
     assert one_line(wrapped) == "cannot decode image a.png: OSError: truncated"
+
+
+def test_inspect_a_checkpoint_on_an_image_and_a_training_sample(trained, capsys):
+    import re
+
+    from maskrcnn.data.transforms import load_image
+    from maskrcnn.engine.predictor import Predictor
+    from maskrcnn.inspection.model import model_stages
+
+    ckpt = trained / "train" / "model_final.pth"
+    image = trained / "shapes" / "val" / "000000.png"
+    out = trained / "inspect_model"
+    capsys.readouterr()
+    assert main(["inspect", "--weights", str(ckpt), "--image", str(image), "--output", str(out),
+                 "--set", "model.roi_heads.score_thresh=0.0"]) == 0
+    report = capsys.readouterr().out
+    before, after = map(int, re.search(r"(\d+) detections above the score threshold before NMS, (\d+) after",
+                                       report).groups())
+    assert before >= after > 0
+    assert {"proposals.png", "detections_before_nms.png", "detections.png", "masks_28x28.png"} <= \
+        {p.name for p in out.iterdir()}
+    assert main(["inspect", "--weights", str(ckpt), "--sample", "1", "--output", str(trained / "inspect_sample")]) == 0
+    assert (trained / "inspect_sample" / "mask_targets.png").is_file()
+    # inspecting changes nothing: the model predicts as before, and NMS is on again
+    pred = Predictor(ckpt, "cpu", ["model.roi_heads.score_thresh=0.0"])
+    first = pred(image)
+    stages = model_stages(pred.model, load_image(image))
+    again = pred(image)
+    assert torch.equal(first["boxes"], again["boxes"]) and len(stages["before_nms"]["boxes"]) >= len(again["boxes"])
+    assert main(["inspect", "--weights", str(ckpt), "--output", str(out)]) == 1  # neither --image nor --sample

@@ -180,7 +180,7 @@ def _parser() -> argparse.ArgumentParser:
                        "skipped) and the anchor fit (anchors.png: each object's best anchor IoU against its size, "
                        "with the RPN's thresholds, and a suggestion) for the dataset of --dataset, or the training "
                        "set of the config.")
-    _add_config_args(n, "shapes_R_18_FPN")
+    _add_config_args(n, None)  # the model's anchors (default shapes_R_18_FPN); with --weights, as for predict
     n.add_argument("--dataset", help="instances JSON to inspect (default: the config's data.train_json, or the "
                    "built-in shapes)")
     n.add_argument("--images", help="image folder of --dataset (default: the JSON's folder)")
@@ -189,6 +189,11 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--num-images", type=int, default=8, help="ground-truth overlays to draw (default: 8)")
     n.add_argument("--max-images", type=int, default=500,
                    help="images sampled for the anchor fit (default: 500)")
+    n.add_argument("--weights", "-w", help="a checkpoint: inspect what it sees in --image (or --sample) instead: "
+                   "the RPN's best proposals, detections before and after NMS, the 28x28 masks before pasting")
+    n.add_argument("--image", help="with --weights: the image to run it on")
+    n.add_argument("--sample", type=int, help="with --weights: the N-th image of the training set (the checkpoint's, "
+                   "or --dataset), with the 28x28 mask targets its ground truth gives the mask head")
 
     d = sub.add_parser("convert-data", help="convert labelme, YOLO segmentation or Pascal VOC annotations to COCO JSON",
                        description="Write a COCO instances JSON from a folder of labelme files, a YOLO "
@@ -464,8 +469,13 @@ def _cmd_inspect(args) -> int:
     from maskrcnn.inspection.anchors import anchor_report, best_anchor_iou, plot_anchor_fit
     from maskrcnn.inspection.dataset import inspect_dataset
 
-    cfg = get_config(args.config, args.overrides)
     out = _check_output_dir(args.output)
+    if args.weights:
+        return _inspect_model(args, out)
+    if args.image or args.sample is not None:
+        raise ValueError("--image and --sample inspect a model: give its --weights too")
+    args.config = args.config or "shapes_R_18_FPN"
+    cfg = get_config(args.config, args.overrides)
     if args.num_images < 0 or args.max_images < 1:
         raise ValueError("--num-images must be at least 0 and --max-images at least 1")
     if args.dataset:
@@ -518,6 +528,44 @@ def _cmd_convert_data(args) -> int:
           f"{len(problems)} shapes or lines not converted; the loader would skip {len(dataset.report)}"
           + (f" ({dataset.report[0]} ...)" if dataset.report else "") + f"\ntrain with --set data.train_json={output} "
           f"--set data.train_images={images}")
+    return 0
+
+
+def _inspect_model(args, out: Path) -> int:
+    import torch
+
+    from maskrcnn.data.build import dataset_paths
+    from maskrcnn.data.coco import CocoDataset
+    from maskrcnn.data.transforms import load_image
+    from maskrcnn.engine.predictor import Predictor
+    from maskrcnn.inspection.model import inspect_model
+    from maskrcnn.modeling.roi_heads.mask_head import mask_targets
+
+    if (args.image is None) == (args.sample is None):
+        raise ValueError("with --weights, give one of --image FILE or --sample N")
+    if Path(args.weights).suffix in (".onnx", ".pt2"):
+        raise ValueError(f"{args.weights} is exported: inspect the checkpoint it was exported from")
+    pred = Predictor(args.weights, "cpu", args.overrides, args.config)
+    target, targets_of = None, None
+    if args.image:
+        image = load_image(args.image)
+    else:
+        if args.dataset:
+            json_path, images = Path(args.dataset), Path(args.images or Path(args.dataset).parent)
+        else:
+            json_path, images = dataset_paths(pred.cfg)["train"]
+        dataset = CocoDataset(json_path, images, class_map=pred.class_map,
+                              keypoint_convention=pred.cfg.model.keypoint_head.pixel_convention)
+        if not 0 <= args.sample < len(dataset):
+            raise ValueError(f"--sample {args.sample}: {json_path} has {len(dataset)} usable images (0..{len(dataset) - 1})")
+        image, target = dataset[args.sample]
+        heads = pred.model.roi_heads
+
+        def targets_of(t: dict, size: int):
+            return mask_targets(t["masks"], t["boxes"], torch.arange(len(t["boxes"])), size, **heads.mask_target)
+    print(inspect_model(pred.model, image, pred.class_map, out, target=target,
+                        mask_target_fn=targets_of if getattr(pred.model.roi_heads, "mask_on", False) else None))
+    print(f"pictures: {out.resolve()}")
     return 0
 
 
