@@ -1,9 +1,10 @@
-"""COCO evaluation through pycocotools: the standard 12-number summary and per-class AP.
+"""COCO evaluation through pycocotools (or faster-coco-eval, the same numbers faster, when it is
+installed): the standard 12-number summary and per-class AP.
 
 Predictions (labels 1..K, boxes in original image pixels, masks bool) are converted to COCO's
 results format with the dataset's own category ids (through the :class:`ClassMap`), optionally
 gathered from all processes, written to ``<output_dir>/coco_<type>_results.json`` and scored by
-``COCOeval``; the numbers are pycocotools' own.
+``COCOeval``; the numbers are pycocotools' own (faster-coco-eval's equal them: tested).
 """
 
 from __future__ import annotations
@@ -63,6 +64,32 @@ def instances_to_coco(output: dict[str, Tensor], image_id: int, class_map: Class
     return results
 
 
+BACKENDS = ("auto", "pycocotools", "faster-coco-eval")
+
+
+def coco_api(backend: str = "auto"):
+    """``(COCO, COCOeval)`` classes: pycocotools', or faster-coco-eval's (a compiled reimplementation of
+    the same computation, several times faster on large sets: ``benchmarks/coco_eval.py``; tests check
+    that its numbers equal pycocotools'). ``auto``: faster-coco-eval when it is installed."""
+    if backend not in BACKENDS:
+        raise ValueError(f"evaluation backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "pycocotools":
+        try:
+            from faster_coco_eval import COCO, COCOeval_faster
+
+            return COCO, COCOeval_faster
+        except ImportError:
+            if backend == "faster-coco-eval":
+                from maskrcnn._extras import MissingExtra
+
+                raise MissingExtra("the faster-coco-eval backend needs the 'faster-coco-eval' package, which is not "
+                                   "installed: pip install faster-coco-eval") from None
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    return COCO, COCOeval
+
+
 def _per_class_ap(coco_eval, class_map: ClassMap) -> dict[str, float]:
     precision = coco_eval.eval["precision"]  # (iou thresholds, recall points, classes, areas, max dets)
     out = {}
@@ -83,9 +110,8 @@ class COCOEvaluator:
 
     def __init__(self, json_path: str | Path, class_map: ClassMap, iou_types: Sequence[str] = ("bbox", "segm"),
                  output_dir: str | Path | None = None, oks_sigmas: Sequence[float] = (),
-                 keypoint_convention: str = "torchvision") -> None:
-        from pycocotools.coco import COCO
-
+                 keypoint_convention: str = "torchvision", backend: str = "auto") -> None:
+        COCO, self._cocoeval = coco_api(backend)
         keypoint_offset(keypoint_convention)  # a bad name fails here, not after the whole inference
         self.keypoint_convention = keypoint_convention
         self.json_path = Path(json_path)
@@ -141,7 +167,6 @@ class COCOEvaluator:
         :meth:`process` are scored, so a partial run (a limit, a shard, skipped images) is not
         penalised for the images it never saw."""
         import torch.distributed as dist
-        from pycocotools.cocoeval import COCOeval
 
         results, image_ids, skipped = self._gather()
         if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
@@ -163,7 +188,7 @@ class COCOEvaluator:
                 # loadRes adds id/area/iscrowd to the dicts it is given: copies keep them out of the
                 # results files written for the next IoU type
                 dt = self.coco.loadRes([dict(r) for r in res])
-                ev = COCOeval(self.coco, dt, iou_type)
+                ev = self._cocoeval(self.coco, dt, iou_type)
                 ev.params.imgIds = sorted(set(image_ids))
                 if iou_type == "keypoints" and self.oks_sigmas is not None:
                     ev.params.kpt_oks_sigmas = self.oks_sigmas
