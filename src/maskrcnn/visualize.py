@@ -21,11 +21,12 @@ def class_color(label: int) -> tuple[int, int, int]:
 
 def draw_instances(image: Image.Image | np.ndarray | Tensor, boxes: Tensor, labels: Sequence[int],
                    names: Sequence[str], scores: Sequence[float] | None = None, masks: Tensor | None = None,
-                   alpha: float = 0.45, keypoints: Tensor | None = None, skeleton: Sequence[Sequence[int]] = ()
-                   ) -> Image.Image:
+                   alpha: float = 0.45, keypoints: Tensor | None = None, skeleton: Sequence[Sequence[int]] = (),
+                   text: bool = True, width: int = 2) -> Image.Image:
     """An RGB PIL image with the instances drawn; ``masks`` ``(N, H, W)`` or ``(N, 1, H, W)`` bool;
     ``keypoints (N, K, 3)`` (x, y, v): those with v > 0 drawn as dots, ``skeleton`` pairs of
-    1-based keypoint indices (COCO's convention) as lines between two drawn keypoints."""
+    1-based keypoint indices (COCO's convention) as lines between two drawn keypoints. ``text=False``
+    draws the outlines only (``width`` px), for many boxes."""
     if isinstance(image, Tensor):
         arr = image.permute(1, 2, 0).cpu().numpy()
         arr = (arr * 255).clip(0, 255).astype(np.uint8) if image.is_floating_point() else arr.astype(np.uint8)
@@ -45,12 +46,14 @@ def draw_instances(image: Image.Image | np.ndarray | Tensor, boxes: Tensor, labe
     draw = ImageDraw.Draw(out)
     for k, box in enumerate(boxes.detach().cpu().tolist()):
         color = class_color(labels[k])
-        draw.rectangle(box, outline=color, width=2)
-        text = names[k] + (f" {scores[k]:.2f}" if scores is not None else "")
+        draw.rectangle(box, outline=color, width=width)
+        if not text:  # many boxes (proposals, detections before NMS): the outlines alone
+            continue
+        caption = names[k] + (f" {scores[k]:.2f}" if scores is not None else "")
         x, y = box[0], max(box[1] - 12, 0)
-        w = draw.textlength(text)
+        w = draw.textlength(caption)
         draw.rectangle([x, y, x + w + 4, y + 12], fill=color)
-        draw.text((x + 2, y), text, fill=(0, 0, 0))
+        draw.text((x + 2, y), caption, fill=(0, 0, 0))
     if keypoints is not None:
         _draw_keypoints(draw, keypoints.detach().float().cpu().tolist(), labels, skeleton)
     return out

@@ -85,21 +85,31 @@ def inspect_model(model, image: Tensor, class_map, out_dir: Path, top_proposals:
     out_dir.mkdir(parents=True, exist_ok=True)
     stages = model_stages(model, image)
     name = class_map.name
+    # boxes are many: outlines only, on the image enlarged so that small images stay readable
+    zoom = max(1, 640 // max(image.shape[-2:]))
+    big = torch.nn.functional.interpolate(image[None].float(), scale_factor=zoom, mode="nearest")[0].to(torch.uint8)
     proposals = stages["proposals"][:top_proposals]
-    draw_instances(image, proposals, [0] * len(proposals), [""] * len(proposals)).save(out_dir / "proposals.png")
+    draw_instances(big, proposals * zoom, [0] * len(proposals), [""] * len(proposals), text=False,
+                   width=1).save(out_dir / "proposals.png")
     before = stages["before_nms"]
     labels = before["labels"].tolist()
-    draw_instances(image, before["boxes"], labels, [name(v) for v in labels], before["scores"].tolist()).save(
+    draw_instances(big, before["boxes"] * zoom, labels, [name(v) for v in labels], text=False, width=1).save(
         out_dir / "detections_before_nms.png")
     final = stages["detections"]
     labels = final["labels"].tolist()
     titles = [f"{name(v)} {s:.2f}" for v, s in zip(labels, final["scores"].tolist())]
-    draw_instances(image, final["boxes"], labels, [name(v) for v in labels], final["scores"].tolist(),
-                   final.get("masks"), keypoints=final.get("keypoints"), skeleton=class_map.skeleton).save(
-        out_dir / "detections.png")
+    masks = final.get("masks")
+    if masks is not None and zoom > 1:
+        masks = torch.nn.functional.interpolate(masks.float(), scale_factor=zoom, mode="nearest") > 0.5
+    keypoints = final.get("keypoints")
+    if keypoints is not None:
+        keypoints = torch.cat([keypoints[..., :2] * zoom, keypoints[..., 2:]], dim=-1)
+    draw_instances(big, final["boxes"] * zoom, labels, [name(v) for v in labels], final["scores"].tolist(), masks,
+                   keypoints=keypoints, skeleton=class_map.skeleton).save(out_dir / "detections.png")
     lines = [f"resized to {stages['resized'][1]}x{stages['resized'][0]} (WxH) for the network",
              f"RPN: {len(stages['proposals'])} proposals (the best {len(proposals)} in proposals.png)",
-             f"box head: {len(before['boxes'])} detections above the score threshold before NMS, {len(labels)} after"]
+             f"box head: {len(before['boxes'])} detections above the score threshold before NMS "
+             f"(detections_before_nms.png, coloured by class), {len(final['labels'])} after (detections.png)"]
     if stages["mask_probs"] is not None:
         _mask_grid(stages["mask_probs"], titles, out_dir / "masks_28x28.png",
                    "each detection's mask in its box, before pasting")
