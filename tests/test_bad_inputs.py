@@ -240,6 +240,9 @@ CONFIG_CASES = [
     ("model.anchors.aspect_ratios=[[0.0, 1.0]]",
      "'model.anchors.aspect_ratios' values must be greater than 0, got 0.0"),
     ("model.cascade.ious=[0.5, 1.5]", "'model.cascade.ious' values must be at least 0.0 and at most 1.0, got 1.5"),
+    # YAML turns on/off into booleans: the message says why a word became True
+    ("train.tensorboard=on", "'train.tensorboard' must be a string, got True (YAML reads on/off/yes/no as true/false)"),
+    ("train.best_metric=foo", "'train.best_metric' must be one of"),
 ]
 
 
@@ -541,3 +544,21 @@ def test_an_image_of_another_size_than_its_json_says(data, tmp_path, capsys, on_
         assert code == 0 and "Traceback" not in err
         assert [line for line in stderr_lines(err) if phrase in line and line.startswith("maskrcnn eval: warning:")]
 
+
+
+def test_a_second_run_in_the_folder_of_another_is_refused_or_replaced(tmp_path, capsys):
+    overrides = set_args(tiny_train_overrides(tmp_path, ["solver.max_iter=1", "train.eval_period=0"]))
+    assert main(["train", "--no-progress", *overrides]) == 0
+    out = tmp_path / "train"
+    (out / "model_best.pth").write_bytes(b"an older run's best model")
+    code, err = run(["train", "--no-progress", *overrides], capsys)
+    assert_one_line_error(code, err, f"{out} holds another run", "--resume to continue it, --overwrite to start over")
+    assert main(["train", "--no-progress", "--overwrite", *overrides]) == 0
+    # the old run's files are gone, not left beside the new run's (no evaluation period: no new model_best)
+    assert (out / "model_best.pth").read_bytes() != b"an older run's best model"
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
+def test_an_output_folder_where_writing_fails_even_for_root(data, tmp_path, capsys):
+    code, err = run(["predict", str(data / "1.png"), "-w", str(data / "tiny.pth"), "--output", "/proc/out"], capsys)
+    assert_one_line_error(code, err, "cannot create or write output folder /proc/out")

@@ -85,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(t, "shapes_R_18_FPN")
     t.add_argument("--output", help="output folder (train.output_dir)")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output folder")
+    t.add_argument("--overwrite", action="store_true", help="start over in an output folder that holds another run "
+                   "(its checkpoints, metrics, events and analysis are removed first)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--list-presets", action="store_true", help="print the preset names and exit")
 
@@ -203,7 +205,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("format", choices=["labelme", "yolo", "voc"], help="the annotations' format")
     d.add_argument("source", help="labelme: the folder of .json files (and images); yolo: the dataset root; voc: "
                    "the VOC tree (Annotations/, JPEGImages/, SegmentationObject/)")
-    d.add_argument("--split", help="voc: the ImageSets/Segmentation split to convert (e.g. train, val)")
+    d.add_argument("--split", help="yolo: the folder of images/ and labels/ to convert (train, val); voc: the "
+                   "ImageSets/Segmentation list (train, val)")
     d.add_argument("--output", "-o", required=True, help="the COCO JSON to write")
     d.add_argument("--classes", metavar="FILE", help="class names in id order (1..K): " + CLASSES_HELP.split(": ", 1)[1]
                    + " (default: labelme: sorted labels; yolo: data.yaml's names)")
@@ -262,6 +265,16 @@ def _check_output_dir(path: str | Path, what: str = "output folder") -> Path:
         raise NotADirectoryError(f"cannot create {what} {path}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot create or write {what} {path}: {existing} is not writable")
+    # os.access says yes to root where writing still fails (/proc, /sys, read-only mounts): try it
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".maskrcnn-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise PermissionError(f"cannot create or write {what} {path}: writing in {existing} fails "
+                              f"({e.strerror})") from None
     return path
 
 
@@ -292,7 +305,9 @@ def _cmd_train(args) -> int:
     if args.output:
         cfg.train.output_dir = args.output
     _check_output_dir(cfg.train.output_dir)
-    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in the output folder, --overwrite replaces it: give one")
+    result = train(cfg, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
     if result.get("checkpoint"):
         print(f"checkpoint: {result['checkpoint']}\nmetrics: {Path(result['output_dir']) / 'metrics.jsonl'}\n"
               f"curves: {result.get('curves')}")
@@ -428,7 +443,7 @@ def _cmd_demo(args) -> int:
     cfg.data.shapes_dir = str(out / "shapes")
     print(f"maskrcnn demo: synthetic shapes in {cfg.data.shapes_dir}, training {args.config} for "
           f"{cfg.solver.max_iter} iterations on {cfg.train.device}")
-    result = train(cfg, progress=not args.no_progress)
+    result = train(cfg, progress=not args.no_progress, overwrite=True)  # the demo's folder is its own
     pred = Predictor(result["checkpoint"], cfg.train.device)
     val_images = sorted((out / "shapes" / "val").glob("*.png"))[:6]
     predict_images(pred, val_images, out / "predictions", 0.5, progress=not args.no_progress)
@@ -511,17 +526,19 @@ def _cmd_convert_data(args) -> int:
     source = Path(args.source)
     if not source.is_dir():
         raise FileNotFoundError(f"{source}: no such folder")
-    if args.split and args.format != "voc":
-        raise ValueError("--split is for voc (its ImageSets/Segmentation lists)")
+    if args.split and args.format == "labelme":
+        raise ValueError("--split is for yolo (images/<split>) and voc (ImageSets/Segmentation/<split>.txt)")
     if args.format == "labelme":
         (coco, problems), images = from_labelme(source, names), source
     elif args.format == "yolo":
-        (coco, problems), images = from_yolo(source, names), source / "images"
+        (coco, problems), images = from_yolo(source, names, args.split), source / "images" / (args.split or "")
     else:
         (coco, problems), images = from_voc(source, args.split, names), source / "JPEGImages"
     atomic_write(output, lambda f: f.write(json.dumps(coco).encode()))
     for line in problems:
         print(f"not converted: {line}", file=sys.stderr)
+    for line in problems.notes:
+        print(f"converted with a change: {line}", file=sys.stderr)
     dataset = CocoDataset(output, images, keep_empty=True)  # the checks of training; it warns what it skips
     print(f"wrote {output}: {len(coco['images'])} images, {len(coco['annotations'])} instances, "
           f"{len(coco['categories'])} classes ({', '.join(c['name'] for c in coco['categories'])}); "
@@ -554,6 +571,9 @@ def _inspect_model(args, out: Path) -> int:
             json_path, images = Path(args.dataset), Path(args.images or Path(args.dataset).parent)
         else:
             json_path, images = dataset_paths(pred.cfg)["train"]
+            if not Path(json_path).is_file():  # a relative path of the machine or folder it was trained in
+                raise FileNotFoundError(f"{json_path}: the training set named in {args.weights} is not here; give "
+                                        "--dataset (and --images)")
         dataset = CocoDataset(json_path, images, class_map=pred.class_map,
                               keypoint_convention=pred.cfg.model.keypoint_head.pixel_convention)
         if not 0 <= args.sample < len(dataset):

@@ -56,7 +56,24 @@ def test_yolo_segmentation_to_pixels(tmp_path):
     car, person = coco["annotations"]
     assert car["category_id"] == 2 and car["segmentation"] == [[pytest.approx(v) for v in (20, 20, 100, 20, 100, 80)]]
     assert person["category_id"] == 1 and person["bbox"] == pytest.approx([80, 30, 40, 40])
-    assert len(problems) == 3 and "a box, not a polygon" in problems[0] and "class 5 outside 0..1" in problems[1]
+    assert len(problems) == 2 and "class 5 is not one of 0..1" in problems[0] and "3 coordinates" in problems[1]
+    assert len(problems.notes) == 1 and "a box, not a polygon" in problems.notes[0]  # converted, with a note
+
+
+def test_yolo_splits_clipping_and_float_classes(tmp_path):
+    for split in ("train", "val"):
+        (tmp_path / "images" / split).mkdir(parents=True)
+        (tmp_path / "labels" / split).mkdir(parents=True)
+        Image.new("RGB", (100, 80)).save(tmp_path / "images" / split / f"{split}.jpg")
+    (tmp_path / "labels" / "train" / "train.txt").write_text("0.0 1.5 0.1 0.5 -0.2 0.5 0.5\n")
+    # one JSON of both splits would put the validation images into training
+    with pytest.raises(ValueError, match=r"holds the splits \['train', 'val'\]: convert each"):
+        from_yolo(tmp_path, ["thing"])
+    coco, problems = from_yolo(tmp_path, ["thing"], split="train")
+    assert [i["file_name"] for i in coco["images"]] == ["train.jpg"] and not problems
+    # outside 0-1: clipped to the image, and said; "0.0" is class 0
+    assert coco["annotations"][0]["segmentation"] == [[100.0, 8.0, 50.0, 0.0, 50.0, 40.0]]
+    assert "clipped" in problems.notes[0]
 
 
 def test_convert_data_command_writes_a_file_the_loader_trains_on(tmp_path, capsys):

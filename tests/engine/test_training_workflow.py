@@ -69,9 +69,13 @@ def test_inconsistent_workflow_settings_are_refused(overrides, phrase):
 
 
 # -- a tiny run with evaluations -------------------------------------------------------------------
-def test_best_checkpoint_and_validation_loss_of_a_run(tmp_path):
+def test_best_checkpoint_and_validation_loss_of_a_run(tmp_path, capsys):
     cfg = tiny_train_config(tmp_path, ["train.eval_period=2", "train.checkpoint_period=0", "solver.base_lr=0.02"])
     result = train(cfg, progress=False)
+    # each periodic evaluation says its AP and validation loss in the log (the last one prints its table)
+    printed = capsys.readouterr().out
+    assert "eval at iteration 2: segm AP" in printed and "eval at iteration 4: segm AP" in printed
+    assert "val loss" in printed and "eval at iteration 6:" not in printed
     evals = [r for r in _records(tmp_path) if "segm/AP" in r]
     assert [r["iteration"] for r in evals] == [2, 4, 6]
     for r in evals:  # every loss of the training step, on the validation images, and their sum

@@ -108,3 +108,28 @@ def test_pr_curves_read_pycocotools_precision():
     assert set(curves) == {0.5, 0.75} and curves[0.5].shape == (2, 101)
     assert curves[0.5][0] == pytest.approx([1.0] * 34 + [0.0] * 67)  # the cat: recall 1/3 at precision 1
     assert curves[0.5][1].tolist() == [0.0] * 101  # the dog: never found
+
+
+def test_fixing_an_error_never_lowers_ap():
+    # a cat found by a hit (0.9), and a dog detection (0.8) on the same cat: a classification error whose
+    # fix would be a duplicate of the hit, so the oracle suppresses it instead of adding a false positive;
+    # likewise two localisation errors on one missed cat: only the better one becomes the hit
+    images = [
+        ([Instance(CAT, BOX)], [Instance(CAT, BOX, 0.9), Instance(DOG, BOX, 0.8)]),
+        ([Instance(DOG, BOX)], [Instance(DOG, BOX, 0.3)]),
+        ([Instance(CAT, BOX)], [Instance(CAT, [0.0, 0.0, 10.0, 4.0], 0.7), Instance(CAT, [0.0, 0.0, 10.0, 4.5], 0.6)]),
+    ]
+    result = error_breakdown(images, [CAT, DOG])
+    assert result["counts"]["classification"] == 1 and result["counts"]["localisation"] == 2
+    assert all(gain >= 0 for gain in result["delta_ap50"].values()), result["delta_ap50"]
+    rng = np.random.default_rng(1)
+    for _ in range(30):  # and on random scenes
+        scene = []
+        for _ in range(6):
+            gts = [Instance(int(rng.integers(1, 3)), [float(v) for v in rng.uniform(0, 40, 2)] + [20.0, 20.0])
+                   for _ in range(int(rng.integers(1, 4)))]
+            dets = [Instance(int(rng.integers(1, 3)), [v + float(rng.normal(0, 4)) for v in g.geometry[:2]] +
+                             [20.0, 20.0], float(rng.random())) for g in gts for _ in range(int(rng.integers(0, 3)))]
+            scene.append((gts, dets))
+        gains = error_breakdown(scene, [CAT, DOG])["delta_ap50"]
+        assert all(g >= -1e-12 for g in gains.values()), gains

@@ -53,3 +53,14 @@ def test_inspect_command_writes_pictures_and_report(tmp_path, capsys):
     assert {"histograms.png", "anchors.png", "report.txt"} <= files and len([f for f in files if f.startswith("gt_")]) == 2
     report = (tmp_path / "insp" / "report.txt").read_text()
     assert "skipped by the loader: nothing" in report and "anchors (" in report
+
+
+def test_overlays_show_both_orientations():
+    from types import SimpleNamespace
+
+    from maskrcnn.inspection.dataset import _spread
+
+    wide = [True] * 18 + [False] * 2  # a mostly landscape set with two portrait images
+    picked = _spread(SimpleNamespace(aspect_wide=lambda: wide), 8)
+    assert len(picked) == 8 and {18, 19} <= set(picked)  # both portrait images, six landscape ones
+    assert _spread(SimpleNamespace(aspect_wide=lambda: [True] * 5), 8) == [0, 1, 2, 3, 4]

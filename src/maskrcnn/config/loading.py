@@ -68,7 +68,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            hint = " (an empty string is written '')" if value is None else ""
+            hint = " (an empty string is written '')" if value is None else \
+                " (YAML reads on/off/yes/no as true/false)" if isinstance(value, bool) else ""
             raise ConfigError(f"config key '{key}' must be a string, got {value!r}{hint}")
         return value
     raise ConfigError(f"config key '{key}': unsupported type {tp}")

@@ -7,8 +7,9 @@ segmentation and Pascal VOC. The result is checked by the same loader as any COC
   parts; ``line``, ``linestrip`` and ``point`` shapes cannot be instances and are reported.
 - **YOLO segmentation**: ``images/`` and ``labels/`` (one ``.txt`` per image, a line per instance:
   ``class x1 y1 x2 y2 ...``, coordinates normalised to 0-1, class 0-based) and the class names
-  (a ``data.yaml`` with ``names``, or ``--classes``). A detection line (``class cx cy w h``)
-  becomes a rectangle polygon, reported.
+  (a ``data.yaml`` with ``names``, or ``--classes``); ``images/train``, ``images/val``: one split
+  per JSON (``split``). A detection line (``class cx cy w h``) becomes a rectangle polygon, and
+  coordinates outside 0-1 are clipped: both noted.
 
 - **Pascal VOC** with instance masks: ``Annotations/*.xml`` (boxes, class names, ``difficult``),
   ``SegmentationObject/*.png`` (pixel value k = the k-th object of the XML, 255 = the uncertain
@@ -35,7 +36,12 @@ CIRCLE_POINTS = 32
 
 
 class ImportProblems(list):
-    """What could not be converted, a line each (reported, not fatal)."""
+    """What could not be converted, a line each (reported, not fatal); ``notes``: what was converted
+    with a change (a box taken as its rectangle, coordinates clipped to the image)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.notes: list[str] = []
 
 
 def _polygon_area(flat: Sequence[float]) -> float:
@@ -100,7 +106,10 @@ def from_labelme(folder: str | Path, names: Sequence[str] | None = None) -> tupl
         for k, shape in enumerate(shapes):
             polygon = _shape_polygon(shape)
             label = shape.get("label")
-            if polygon is None or not label:
+            if not label:
+                problems.append(f"{f.name}: shape {k} has no label")
+                continue
+            if polygon is None:
                 problems.append(f"{f.name}: shape {k} ({shape.get('shape_type') or 'polygon'}, "
                                 f"{len(shape.get('points') or [])} points, label {label!r}) is not an instance outline")
                 continue
@@ -108,6 +117,8 @@ def from_labelme(folder: str | Path, names: Sequence[str] | None = None) -> tupl
             key = (label, group) if group is not None else (label, f"shape{k}")
             groups.setdefault(key, []).append(polygon)
         instances += [(image_id, label, polygons) for (label, _), polygons in groups.items()]
+    if not images:
+        raise ValueError(f"none of the {len(files)} .json files in {folder} is a labelme file: {problems[0]}")
     names = list(names) if names else sorted({name for _, name, _ in instances})
     unknown = sorted({name for _, name, _ in instances} - set(names))
     if unknown:
@@ -130,13 +141,19 @@ def _yolo_names(root: Path, names: Sequence[str] | None) -> list[str]:
     raise FileNotFoundError(f"no class names for {root}: give --classes, or a data.yaml with 'names' in it")
 
 
-def from_yolo(root: str | Path, names: Sequence[str] | None = None, images: str = "images",
-              labels: str = "labels") -> tuple[dict, ImportProblems]:
-    """COCO instances of a YOLO segmentation dataset ``root/images``, ``root/labels``."""
+def from_yolo(root: str | Path, names: Sequence[str] | None = None, split: str | None = None
+              ) -> tuple[dict, ImportProblems]:
+    """COCO instances of a YOLO segmentation dataset ``root/images[/split]``, ``root/labels[/split]``."""
     root = Path(root)
-    image_dir, label_dir = root / images, root / labels
+    image_dir, label_dir = root / "images", root / "labels"
+    if split:
+        image_dir, label_dir = image_dir / split, label_dir / split
     if not image_dir.is_dir() or not label_dir.is_dir():
         raise FileNotFoundError(f"a YOLO dataset has {image_dir} and {label_dir}; one of them is missing")
+    splits = sorted(d.name for d in image_dir.iterdir() if d.is_dir() and d.name in ("train", "val", "valid", "test"))
+    if not split and splits:  # one JSON of train and val together would leak validation images into training
+        raise ValueError(f"{image_dir} holds the splits {splits}: convert each into its own JSON with --split "
+                         f"{splits[0]} (and --split {splits[-1]}, ...)")
     classes = _yolo_names(root, names)
     problems = ImportProblems()
     coco_images, instances = [], []
@@ -158,20 +175,24 @@ def from_yolo(root: str | Path, names: Sequence[str] | None = None, images: str 
             if not parts:
                 continue
             try:
-                cls, values = int(parts[0]), [float(v) for v in parts[1:]]
+                values = [float(v) for v in parts[1:]]
+                cls = int(float(parts[0])) if float(parts[0]).is_integer() else -1  # "0.0" is written by some tools
             except ValueError:
                 problems.append(f"{label_file.name}:{n}: not numbers: {line.strip()!r}")
                 continue
             if not 0 <= cls < len(classes):
-                problems.append(f"{label_file.name}:{n}: class {cls} outside 0..{len(classes) - 1}")
+                problems.append(f"{label_file.name}:{n}: class {parts[0]} is not one of 0..{len(classes) - 1}")
                 continue
             if len(values) == 4:  # a detection line: the box is all there is
                 cx, cy, w, h = values
                 values = [cx - w / 2, cy - h / 2, cx + w / 2, cy - h / 2, cx + w / 2, cy + h / 2, cx - w / 2, cy + h / 2]
-                problems.append(f"{label_file.name}:{n}: a box, not a polygon: its rectangle is the mask")
+                problems.notes.append(f"{label_file.name}:{n}: a box, not a polygon: its rectangle is the mask")
             if len(values) < 6 or len(values) % 2:
                 problems.append(f"{label_file.name}:{n}: {len(values)} coordinates, not a polygon")
                 continue
+            if min(values) < 0 or max(values) > 1:
+                problems.notes.append(f"{label_file.name}:{n}: coordinates outside 0-1 clipped to the image")
+                values = [min(max(v, 0.0), 1.0) for v in values]
             polygon = [v * (width if k % 2 == 0 else height) for k, v in enumerate(values)]
             instances.append((image_id, classes[cls], [polygon]))
     if not coco_images:

@@ -291,12 +291,37 @@ def _log_line(done: int, max_iter: int, smoothed: dict[str, float], lr: float, s
     return "  ".join(parts)
 
 
-def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
-    """Train ``cfg``; returns the final evaluation metrics (on the main process) and where things are."""
+# what a run writes in its output folder: a new run in an old folder removes these first (overwrite)
+RUN_FILES = ("model_*.pth", "last_checkpoint", "metrics.jsonl", "events.out.tfevents.*", "training_curves.png",
+             "config.yaml", "skipped_samples.txt")
+RUN_FOLDERS = ("analysis", "inference")
+
+
+def _previous_run(out_dir: Path) -> list[Path]:
+    return sorted(p for pattern in RUN_FILES for p in out_dir.glob(pattern)) + \
+        [out_dir / d for d in RUN_FOLDERS if (out_dir / d).is_dir()]
+
+
+def train(cfg: Config, resume: bool = False, progress: bool = True, overwrite: bool = False) -> dict:
+    """Train ``cfg``; returns the final evaluation metrics (on the main process) and where things are.
+
+    A folder that holds another run's checkpoints is refused unless ``resume`` (continue it) or
+    ``overwrite`` (its checkpoints, metrics, events and analysis removed first): a new run beside an
+    old ``model_best.pth`` would leave the old run's best model looking like this one's."""
     device = select_device(cfg.train.device, DistInfo(local_rank=int(os.environ.get("LOCAL_RANK", "0"))))
     info = init_distributed(device.type)
     out_dir = Path(cfg.train.output_dir)
+    old = _previous_run(out_dir) if out_dir.is_dir() and not resume else []
+    if any(p.suffix == ".pth" for p in old) and not overwrite:
+        raise ValueError(f"{out_dir} holds another run ({', '.join(p.name for p in old if p.suffix == '.pth')}): "
+                         "--resume to continue it, --overwrite to start over there (its checkpoints, metrics and "
+                         "analysis are removed), or another --output")
     if info.main:
+        if overwrite:
+            import shutil
+
+            for path in old:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
         out_dir.mkdir(parents=True, exist_ok=True)
     # only the main process may generate the built-in dataset; the others wait for it
     if info.main:
@@ -398,9 +423,19 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
             record = {"iteration": it, **_flat_metrics(metrics), **{f"val/{k}": v for k, v in val.items()}}
             log.write(record)
             board.overlays(model, val_set, it, cfg.train.tensorboard_images)
-            if best is not None and best.update(record):
+            improved = best is not None and best.update(record)
+            if improved:
                 save_checkpoint(out_dir / "model_best.pth", model.state_dict(), cfg.to_dict(), class_map.to_dict(),
                                 it, extra={"best": {"metric": best.key, "value": best.best}}, resumable=False)
+            if it < cfg.solver.max_iter:  # the final evaluation prints its whole table
+                shown = [f"{k.split('/')[0]} AP {100 * record[k]:.1f}" for k in ("segm/AP", "keypoints/AP", "bbox/AP")
+                         if k in record]
+                if "val/total_loss" in record:
+                    shown.append(f"val loss {record['val/total_loss']:.4f}")
+                if best is not None:
+                    shown.append("the best so far: model_best.pth" if improved else f"best {best.describe()}")
+                line = f"eval at iteration {it}: " + ", ".join(shown)
+                tqdm.write(line) if use_bar else print(line, flush=True)
         return metrics
 
     def early_stop() -> bool:

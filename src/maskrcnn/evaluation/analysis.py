@@ -176,17 +176,24 @@ def error_breakdown(images: list[tuple[list[Instance], list[Instance]]], categor
 
 
 def _fix(m: ImageMatches, kind: str) -> tuple[list[Instance], list[Instance]]:
-    """The image with every error of ``kind`` corrected by an oracle."""
+    """The image with every error of ``kind`` corrected by an oracle. A corrected classification or
+    localisation error whose object a hit already found (or a better-scored corrected error) would
+    now be a duplicate: the oracle suppresses it, as TIDE does, so that a fix never lowers AP."""
     if kind == "missed":
         return [g for g, missed in zip(m.gts, m.gt_missed) if not missed], m.dets
+    found = {m.det_gt[d] for d in range(len(m.dets)) if m.det_kind[d] == "tp"}
     dets = []
-    for d, det in enumerate(m.dets):
+    for d, det in enumerate(m.dets):  # best score first
         if m.det_kind[d] != kind:
             dets.append(det)
-        elif kind == "classification":
-            dets.append(Instance(m.gts[m.det_target[d]].label, det.geometry, det.score))
-        elif kind == "localisation":
-            dets.append(Instance(det.label, copy.deepcopy(m.gts[m.det_target[d]].geometry), det.score))
+        elif kind in ("classification", "localisation"):
+            target = m.det_target[d]
+            if target in found:
+                continue
+            found.add(target)
+            gt = m.gts[target]
+            dets.append(Instance(gt.label, det.geometry, det.score) if kind == "classification"
+                        else Instance(det.label, copy.deepcopy(gt.geometry), det.score))
         # duplicate, both, background: removed
     return m.gts, dets
 

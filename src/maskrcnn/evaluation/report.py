@@ -75,7 +75,7 @@ def analyze_results(json_path: str | Path, results_json: str | Path, iou_type: s
 
 def format_errors(iou_type: str, errors: dict) -> str:
     rows = [f"{iou_type} errors (AP50 {100 * errors['ap50']:.1f}; what fixing each would add):"]
-    rows += [f"  {kind:<15}{errors['counts'][kind]:>7}  +{100 * errors['delta_ap50'][kind]:.1f} AP50"
+    rows += [f"  {kind:<15}{errors['counts'][kind]:>7}  {100 * errors['delta_ap50'][kind]:+.1f} AP50"
              for kind in ERROR_KINDS]
     return "\n".join(rows)
 

@@ -95,7 +95,8 @@ def anchor_report(stats: dict[str, np.ndarray], cfg: Config) -> str:
                      f"IoU at best; the RPN still takes each object's best anchor as a positive, so this is usual. "
                      f"A second size per level raises the fraction: --set \"model.anchors.sizes={between}\"")
     if not poor and far < 0.05:
-        lines.append("no object size or shape is left without a usable anchor: no change needed")
+        lines.append(f"every object size and shape has a usable anchor (best IoU >= {bg:g} for at least 80% of "
+                     "each size)")
     return "\n".join(lines)
 
 

@@ -64,8 +64,7 @@ def inspect_dataset(dataset: CocoDataset, out_dir: Path, num_images: int = 8) ->
     returns the report."""
     out_dir.mkdir(parents=True, exist_ok=True)
     names, skeleton = dataset.class_map.names, dataset.class_map.skeleton
-    step = max(1, len(dataset) // max(num_images, 1))  # spread over the dataset, not its first images
-    for index in list(range(0, len(dataset), step))[:num_images]:
+    for index in _spread(dataset, num_images):
         image, target = dataset[index]
         if image is None:
             continue
@@ -76,6 +75,27 @@ def inspect_dataset(dataset: CocoDataset, out_dir: Path, num_images: int = 8) ->
     report = format_summary(summary, dataset.json_path)
     (out_dir / "report.txt").write_text(report + "\n")
     return report
+
+
+def _spread(dataset: CocoDataset, count: int) -> list[int]:
+    """``count`` image indices spread over the dataset, both orientations when it has both (half each
+    at most), so that portrait images are seen in a mostly landscape set."""
+    if count <= 0:
+        return []
+    groups = [[i for i, wide in enumerate(dataset.aspect_wide()) if wide == w] for w in (True, False)]
+    groups = [g for g in groups if g]
+    share = [count // len(groups) + (k < count % len(groups)) for k in range(len(groups))]
+    if len(groups) == 2:  # a group smaller than its share gives the rest to the other
+        for k in (0, 1):
+            extra = share[k] - len(groups[k])
+            if extra > 0:
+                share[k] -= extra
+                share[1 - k] += extra
+    picked = []
+    for group, n in zip(groups, share):
+        step = max(1, len(group) / max(n, 1))
+        picked += [group[int(j * step)] for j in range(min(n, len(group)))]
+    return sorted(picked)
 
 
 def _plot_histograms(summary: dict, path: Path) -> None:

@@ -63,7 +63,8 @@ def _mask_grid(masks: Tensor, titles: list[str], path: Path, title: str, limit: 
     n = min(len(titles), limit)
     cols = min(6, max(n, 1))
     rows = max(1, -(-n // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2.2 * rows + 0.4), squeeze=False)
+    # at least 8 inches wide, so that the title of a few tiles is not cut
+    fig, axes = plt.subplots(rows, cols, figsize=(max(8.0, 2 * cols), 2.2 * rows + 0.5), squeeze=False)
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
         if k < n:
