@@ -371,3 +371,26 @@ def test_inspect_a_checkpoint_on_an_image_and_a_training_sample(trained, capsys)
     again = pred(image)
     assert torch.equal(first["boxes"], again["boxes"]) and len(stages["before_nms"]["boxes"]) >= len(again["boxes"])
     assert main(["inspect", "--weights", str(ckpt), "--output", str(out)]) == 1  # neither --image nor --sample
+
+
+def test_predict_sliced_writes_whole_image_rles_and_overlays(trained, capsys):
+    from pycocotools import mask as mask_utils
+
+    ckpt = trained / "train" / "model_final.pth"
+    image = trained / "shapes" / "val" / "000000.png"
+    out = trained / "pred_sliced"
+    assert main(["predict", str(image), "--weights", str(ckpt), "--output", str(out), "--slice", "64",
+                 "--overlap", "0.25", "--score-thresh", "0", "--set", "model.roi_heads.score_thresh=0.0"]) == 0
+    results = json.loads((out / "predictions.json").read_text())
+    assert results and all(r["file_name"] == str(image) for r in results)
+    for r in results:  # masks of the whole 96x96 image, inside their boxes
+        m = mask_utils.decode(r["segmentation"])
+        assert m.shape == (96, 96)
+        if m.any():
+            ys, xs = np.nonzero(m)
+            x, y, w, h = r["bbox"]
+            assert xs.min() >= int(x) - 1 and xs.max() <= x + w + 1 and ys.min() >= int(y) - 1 and ys.max() <= y + h + 1
+    assert Image.open(out / "000000.png").size == (96, 96)
+    assert main(["predict", str(image), "--weights", str(ckpt), "--output", str(out), "--slice", "64",
+                 "--overlap", "1.5"]) == 1
+    assert "--overlap in [0, 1)" in capsys.readouterr().err

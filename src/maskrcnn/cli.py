@@ -133,6 +133,11 @@ def _parser() -> argparse.ArgumentParser:
                    "size, so results can differ slightly from one image at a time")
     r.add_argument("--no-progress", action="store_true", help="no progress bar (none either when not on a terminal)")
     r.add_argument("--runtime", choices=["torch", "onnxruntime", "openvino"], help=RUNTIME_HELP)
+    r.add_argument("--slice", type=int, default=0, metavar="PX",
+                   help="predict large images window by window, PX x PX each (e.g. the model's input size), "
+                   "merging objects cut by window borders; --batch-size windows per model call")
+    r.add_argument("--overlap", type=float, default=0.2, help="with --slice: how much windows overlap, as a "
+                   "fraction of a window (default 0.2)")
 
     x = sub.add_parser("export", help="export a model to ONNX or a torch.export program, for any image size and batch",
                        description="Write the whole detector (uint8 RGB images in, preprocessing, network, NMS, "
@@ -279,12 +284,13 @@ def _check_output_dir(path: str | Path, what: str = "output folder") -> Path:
 
 
 def predict_images(predictor, paths: list[Path], out_dir: Path, score_thresh: float, batch_size: int = 1,
-                   progress: bool = True) -> Path:
+                   progress: bool = True, slice_tile: int = 0, slice_overlap: float = 0.2) -> Path:
     """Overlay PNGs and a COCO-results ``predictions.json`` for ``paths``; returns the JSON path."""
     from maskrcnn.data.transforms import BadImageError
     from maskrcnn.engine.folder import predict_files
 
-    done = predict_files(predictor, paths, out_dir, score_thresh, batch_size=batch_size, progress=progress)
+    done = predict_files(predictor, paths, out_dir, score_thresh, batch_size=batch_size, progress=progress,
+                         slice_tile=slice_tile, slice_overlap=slice_overlap)
     for f in done.skipped:
         print(f"skipped {f}", file=sys.stderr)
     if paths and not done.predicted:
@@ -393,8 +399,11 @@ def _cmd_predict(args) -> int:
     _check_output_dir(args.output)
     pred = Predictor(args.weights, args.device, args.overrides, args.config, args.classes, runtime=args.runtime,
                      fast=args.fast)
+    if args.slice < 0 or not 0 <= args.overlap < 1:
+        raise ValueError(f"--slice must be a window size in pixels (0: off) and --overlap in [0, 1), got "
+                         f"{args.slice} and {args.overlap}")
     json_path = predict_images(pred, paths, Path(args.output), args.score_thresh, args.batch_size,
-                               not args.no_progress)
+                               not args.no_progress, args.slice, args.overlap)
     print(f"wrote overlays and {json_path}")
     return 0
 

@@ -22,11 +22,14 @@ def class_color(label: int) -> tuple[int, int, int]:
 def draw_instances(image: Image.Image | np.ndarray | Tensor, boxes: Tensor, labels: Sequence[int],
                    names: Sequence[str], scores: Sequence[float] | None = None, masks: Tensor | None = None,
                    alpha: float = 0.45, keypoints: Tensor | None = None, skeleton: Sequence[Sequence[int]] = (),
-                   text: bool = True, width: int = 2) -> Image.Image:
+                   text: bool = True, width: int = 2,
+                   mask_crops: Sequence[tuple[int, int, np.ndarray]] | None = None) -> Image.Image:
     """An RGB PIL image with the instances drawn; ``masks`` ``(N, H, W)`` or ``(N, 1, H, W)`` bool;
     ``keypoints (N, K, 3)`` (x, y, v): those with v > 0 drawn as dots, ``skeleton`` pairs of
     1-based keypoint indices (COCO's convention) as lines between two drawn keypoints. ``text=False``
-    draws the outlines only (``width`` px), for many boxes."""
+    draws the outlines only (``width`` px), for many boxes. ``mask_crops`` (instead of ``masks``):
+    per instance ``(x0, y0, bool array)`` covering the pixels from (x0, y0), as sliced inference keeps
+    the masks of large images."""
     if isinstance(image, Tensor):
         arr = image.permute(1, 2, 0).cpu().numpy()
         arr = (arr * 255).clip(0, 255).astype(np.uint8) if image.is_floating_point() else arr.astype(np.uint8)
@@ -39,9 +42,11 @@ def draw_instances(image: Image.Image | np.ndarray | Tensor, boxes: Tensor, labe
     if masks is not None and len(labels):
         m = masks[:, 0] if masks.dim() == 4 else masks
         m = (m >= 0.5 if m.is_floating_point() else m.bool()).cpu().numpy()
-        for k in range(len(labels)):
-            color = np.array(class_color(labels[k]), dtype=np.float32)
-            canvas[m[k]] = canvas[m[k]] * (1 - alpha) + color * alpha
+        mask_crops = [(0, 0, m[k]) for k in range(len(labels))]
+    for k, (x0, y0, crop) in enumerate(mask_crops or []):
+        color = np.array(class_color(labels[k]), dtype=np.float32)
+        region = canvas[y0:y0 + crop.shape[0], x0:x0 + crop.shape[1]]
+        region[crop] = region[crop] * (1 - alpha) + color * alpha
     out = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(out)
     for k, box in enumerate(boxes.detach().cpu().tolist()):

@@ -62,14 +62,34 @@ def _decode(path: Path):
         return e
 
 
+def _sliced_to_coco(out: dict, keep: list[bool], image_id: int, file_name: str, class_map) -> list[dict]:
+    """COCO results of a ``Predictor.predict_sliced`` output (masks: its whole-image RLEs)."""
+    results = []
+    rles = out.get("masks_rle")
+    for k, kept in enumerate(keep):
+        if not kept:
+            continue
+        x1, y1, x2, y2 = out["boxes"][k].tolist()
+        r = {"image_id": image_id, "category_id": class_map.category_id(int(out["labels"][k])),
+             "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(out["scores"][k]), "file_name": file_name}
+        if rles is not None:
+            r["segmentation"] = {"size": [int(v) for v in rles[k]["size"]], "counts": rles[k]["counts"].decode("ascii")}
+        results.append(r)
+    return results
+
+
 def predict_files(predictor, paths: Sequence[Path], out_dir: Path, score_thresh: float = 0.5, batch_size: int = 1,
-                  workers: int = 2, progress: bool = True) -> FilesResult:
+                  workers: int = 2, progress: bool = True, slice_tile: int = 0, slice_overlap: float = 0.2
+                  ) -> FilesResult:
     """Overlay PNGs and a COCO-results ``predictions.json`` (``image_id`` = position in ``paths`` + 1,
     ``file_name`` = the path) for ``paths`` in ``out_dir``.
 
     ``batch_size`` images go through the model together: faster on a GPU, but a batch pads its
     images to a common size, so results can differ slightly from one image at a time (as in
     torchvision and detectron2). 1 (the default) gives each image's own results.
+
+    ``slice_tile`` > 0: each image window by window (``Predictor.predict_sliced``; ``batch_size``
+    windows per model call), for images much larger than the model's input size.
     """
     if batch_size < 1 or workers < 1:
         raise ValueError(f"batch_size and workers must be at least 1, got {batch_size} and {workers}")
@@ -85,7 +105,7 @@ def predict_files(predictor, paths: Sequence[Path], out_dir: Path, score_thresh:
         labels = sel["labels"].tolist()
         overlay = draw_instances(image, sel["boxes"], labels, [class_map.name(v) for v in labels],
                                  sel["scores"].tolist(), sel.get("masks"), keypoints=sel.get("keypoints"),
-                                 skeleton=class_map.skeleton)
+                                 skeleton=class_map.skeleton, mask_crops=sel.get("mask_crops") or None)
         overlay.save(out_dir / name)
 
     ahead = batch_size + 2 * workers  # decoded images waiting for the model
@@ -116,13 +136,20 @@ def predict_files(predictor, paths: Sequence[Path], out_dir: Path, score_thresh:
                     batch.append((k, image))
             if not batch:
                 continue
-            outputs = predictor.predict([image for _, image in batch])
+            if slice_tile:
+                outputs = [predictor.predict_sliced(image, slice_tile, slice_overlap, batch_size) for _, image in batch]
+            else:
+                outputs = predictor.predict([image for _, image in batch])
             for (k, image), out in zip(batch, outputs):
                 keep = out["scores"] >= score_thresh
                 sel = {key: out[key][keep] for key in KEYS if key in out}
-                for r in instances_to_coco(sel, k + 1, class_map):
-                    r["file_name"] = str(paths[k])
-                    results.append(r)
+                if slice_tile:
+                    results += _sliced_to_coco(out, keep.tolist(), k + 1, str(paths[k]), class_map)
+                    sel["mask_crops"] = [c for c, kept in zip(out.get("mask_crops", []), keep.tolist()) if kept]
+                else:
+                    for r in instances_to_coco(sel, k + 1, class_map):
+                        r["file_name"] = str(paths[k])
+                        results.append(r)
                 drawing.append(drawers.submit(draw, image, sel, names[k]))
                 predicted += 1
                 bar.update(1)

@@ -151,6 +151,25 @@ class Predictor:
         return self.predict([image])[0]
 
     @torch.no_grad()
+    def predict_sliced(self, image: ImageLike, tile: int = 640, overlap: float = 0.2, batch_size: int = 4) -> dict:
+        """A large image window by window (``engine.slicing``): ``boxes, scores, labels`` as
+        :meth:`predict`, the masks as ``mask_crops`` (per detection ``(x0, y0, bool array)``) and
+        ``masks_rle`` (COCO RLE of the whole image, built from the crops), ``category_ids`` and
+        ``class_names``. Memory grows with the objects found, not with the image."""
+        from maskrcnn.engine.slicing import predict_sliced
+
+        tensor = to_image_tensor(image).to(self.device)
+        det = predict_sliced(self.model, tensor, tile, overlap, batch_size)
+        labels = det.labels.tolist()
+        out = {"boxes": det.boxes, "scores": det.scores, "labels": det.labels, "image_size": det.image_size,
+               "category_ids": [self.class_map.category_id(v) for v in labels],
+               "class_names": [self.class_map.name(v) for v in labels]}
+        if det.masks is not None:
+            out["mask_crops"] = det.masks
+            out["masks_rle"] = [det.rle(k) for k in range(len(det))]
+        return out
+
+    @torch.no_grad()
     def predict(self, images: Sequence[ImageLike]) -> list[dict]:
         """Per image: ``boxes, scores, labels, masks`` as the model returns them, plus
         ``category_ids`` (the dataset's ids) and ``class_names``."""

@@ -1,0 +1,95 @@
+"""Sliced inference: windows, and the merging of detections across window borders, with an oracle
+model that reports exactly the part of each object a window shows."""
+
+import numpy as np
+import pytest
+import torch
+
+from maskrcnn.engine.slicing import predict_sliced, tile_starts
+
+
+class Oracle:
+    """Finds every object of a known scene in a window: its visible pixels as mask and box."""
+
+    def __init__(self, masks: list[np.ndarray], labels: list[int], width: int) -> None:
+        self.masks, self.labels, self.width = masks, labels, width
+        self.calls = 0
+
+    def __call__(self, crops):
+        self.calls += 1
+        outs = []
+        for crop in crops:  # a view of the (3, H, W) image: its offset says where the window is
+            y, x = divmod(crop.storage_offset(), self.width)
+            h, w = crop.shape[-2:]
+            boxes, masks, labels = [], [], []
+            for m, label in zip(self.masks, self.labels):
+                part = m[y:y + h, x:x + w]
+                if part.any():
+                    ys, xs = np.nonzero(part)
+                    boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+                    masks.append(torch.from_numpy(part.copy()))
+                    labels.append(label)
+            outs.append({"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                         "scores": torch.full((len(boxes),), 0.9), "labels": torch.tensor(labels, dtype=torch.int64),
+                         "masks": torch.stack(masks)[:, None] if masks else torch.zeros((0, 1, h, w), dtype=torch.bool)})
+        return outs
+
+
+def _disc(h, w, cy, cx, r):
+    yy, xx = np.mgrid[:h, :w]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r ** 2
+
+
+def test_window_starts_cover_the_image_and_end_at_its_border():
+    assert tile_starts(100, 640, 0.2) == [0]
+    assert tile_starts(1000, 400, 0.25) == [0, 300, 600]  # step 300; the last window ends at 1000
+    assert tile_starts(1000, 400, 0.0) == [0, 400, 600]
+    with pytest.raises(ValueError, match="overlap in"):
+        tile_starts(1000, 400, 1.0)
+
+
+def test_objects_cut_by_window_borders_come_back_whole():
+    h, w = 500, 700
+    masks = [_disc(h, w, 250, 350, 140),   # larger than any window's overlap: cut into several pieces
+             _disc(h, w, 60, 60, 30),      # inside the first window, and partly in the next ones
+             _disc(h, w, 400, 150, 35), _disc(h, w, 400, 221, 35)]  # two of one class side by side, touching
+    labels = [1, 2, 3, 3]
+    image = torch.zeros((3, h, w), dtype=torch.uint8)
+    model = Oracle(masks, labels, w)
+    out = predict_sliced(model, image, tile=200, overlap=0.25, batch_size=4)
+    assert len(out) == 4 and sorted(out.labels.tolist()) == [1, 2, 3, 3]
+    for k in range(len(out)):
+        want = [m for m, label in zip(masks, labels) if label == int(out.labels[k])]
+        got = out.full_mask(k)
+        assert any(np.array_equal(got, m) for m in want), f"detection {k} is not one whole object"
+        ys, xs = np.nonzero(got)
+        assert out.boxes[k].tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+    windows = len(tile_starts(h, 200, 0.25)) * len(tile_starts(w, 200, 0.25))
+    assert model.calls == -(-windows // 4)  # in batches of 4
+
+
+def test_rle_of_a_merged_mask_is_the_whole_object():
+    from pycocotools import mask as mask_utils
+
+    h, w = 300, 300
+    disc = _disc(h, w, 150, 150, 100)
+    out = predict_sliced(Oracle([disc], [1], w), torch.zeros((3, h, w), dtype=torch.uint8), tile=128, overlap=0.2)
+    assert len(out) == 1 and np.array_equal(mask_utils.decode(out.rle(0)).astype(bool), disc)
+
+
+def test_rle_from_a_crop_equals_pycocotools_encoding_of_the_full_mask():
+    from pycocotools import mask as mask_utils
+
+    from maskrcnn.engine.slicing import crop_rle
+
+    rng = np.random.default_rng(0)
+    for _ in range(500):  # empty crops, full crops, crops at every border
+        h, w = (int(v) for v in rng.integers(1, 25, 2))
+        ch, cw = int(rng.integers(0, h + 1)), int(rng.integers(0, w + 1))
+        y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        crop = rng.random((ch, cw)) < rng.random()
+        full = np.zeros((h, w), np.uint8)
+        full[y0:y0 + ch, x0:x0 + cw] = crop
+        want = mask_utils.encode(np.asfortranarray(full))
+        got = crop_rle(x0, y0, crop, h, w)
+        assert got["counts"] == want["counts"] and list(got["size"]) == [h, w]
