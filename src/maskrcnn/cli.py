@@ -114,10 +114,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="evaluate even when the dataset's categories name other classes than the checkpoint's "
                    "(both maps are printed)")
 
-    r = sub.add_parser("predict", help="detect and segment objects (and keypoints) in images",
+    r = sub.add_parser("predict", help="detect and segment objects (and keypoints) in images and videos",
                        description="Run a checkpoint on images (files, folders or glob patterns); writes overlay "
                        "PNGs (masks, boxes, class names, scores) and predictions.json (COCO results format).")
-    r.add_argument("inputs", nargs="+", help="image files, folders, or glob patterns")
+    r.add_argument("inputs", nargs="+", help="image files, folders, or glob patterns; video files (.mp4, .mov, "
+                   ".avi, .mkv, .webm, ...) or stream addresses (rtsp://, http://) give an annotated .mp4 and one "
+                   "JSON line per frame (extra 'video')")
     r.add_argument("--weights", "-w", required=True, help="checkpoint (from train or convert), or with --config a "
                    "detectron2 .pkl/.pth or torchvision .pth")
     r.add_argument("--config", "-c", metavar="PRESET_OR_YAML",
@@ -138,6 +140,9 @@ def _parser() -> argparse.ArgumentParser:
                    "merging objects cut by window borders; --batch-size windows per model call")
     r.add_argument("--overlap", type=float, default=0.2, help="with --slice: how much windows overlap, as a "
                    "fraction of a window (default 0.2)")
+    r.add_argument("--max-frames", type=_positive_int, metavar="N",
+                   help="videos and streams: stop after N frames (a camera stream otherwise runs until Ctrl-C, "
+                   "which keeps what was done)")
 
     x = sub.add_parser("export", help="export a model to ONNX or a torch.export program, for any image size and batch",
                        description="Write the whole detector (uint8 RGB images in, preprocessing, network, NMS, "
@@ -395,16 +400,38 @@ def _cmd_eval(args) -> int:
 def _cmd_predict(args) -> int:
     from maskrcnn.engine.predictor import Predictor
 
-    paths = _expand_inputs(args.inputs)  # before loading the model: a typo fails at once
+    from maskrcnn.engine.video import PIP_LINE, is_video
+
+    videos = [item for item in args.inputs if is_video(item)]
+    for item in videos:
+        if "://" not in item and not Path(item).is_file():
+            raise FileNotFoundError(f"no such video file: {item}")
+    if videos:
+        from maskrcnn._extras import require
+
+        require("av", "video prediction", PIP_LINE)
+        if args.slice:
+            raise ValueError("--slice applies to images, not to videos")
+    others = [item for item in args.inputs if not is_video(item)]
+    paths = _expand_inputs(others) if others else []  # before loading the model: a typo fails at once
     _check_output_dir(args.output)
     pred = Predictor(args.weights, args.device, args.overrides, args.config, args.classes, runtime=args.runtime,
                      fast=args.fast)
     if args.slice < 0 or not 0 <= args.overlap < 1:
         raise ValueError(f"--slice must be a window size in pixels (0: off) and --overlap in [0, 1), got "
                          f"{args.slice} and {args.overlap}")
-    json_path = predict_images(pred, paths, Path(args.output), args.score_thresh, args.batch_size,
-                               not args.no_progress, args.slice, args.overlap)
-    print(f"wrote overlays and {json_path}")
+    if paths:
+        json_path = predict_images(pred, paths, Path(args.output), args.score_thresh, args.batch_size,
+                                   not args.no_progress, args.slice, args.overlap)
+        print(f"wrote overlays and {json_path}")
+    for item in videos:
+        from maskrcnn.engine.video import predict_video
+
+        done = predict_video(pred, item, Path(args.output), args.score_thresh, args.batch_size,
+                             not args.no_progress, args.max_frames)
+        print(f"{item}: {done.frames} frames in {done.seconds:.1f} s: {done.frames_per_second:.2f} frames/s "
+              f"(decoding, model, drawing and encoding together){'; interrupted' if done.interrupted else ''}")
+        print(f"wrote {done.video_path} and {done.json_path}")
     return 0
 
 

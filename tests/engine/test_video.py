@@ -1,0 +1,126 @@
+"""Video prediction: an annotated video and one JSON line per frame, from the CLI, with the same
+detections as the predictor gives on the same decoded frames."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from maskrcnn.cli import main
+from maskrcnn.engine.checkpoint import save_checkpoint
+from maskrcnn.engine.predictor import Predictor
+from maskrcnn.modeling.build import build_model
+from tiny import tiny_train_config
+
+av = pytest.importorskip("av")
+
+
+def _write_video(path: Path, frames: int, h: int, w: int, fps: int = 10) -> None:
+    """A square and a disc moving across a dark background (lossless enough for the overlays to show)."""
+    with av.open(str(path), "w") as out:
+        s = out.add_stream("libx264", rate=fps)
+        s.width, s.height, s.pix_fmt = w + w % 2, h + h % 2, "yuv420p"
+        yy, xx = np.mgrid[:s.height, :s.width]
+        for k in range(frames):
+            img = np.full((s.height, s.width, 3), 30, np.uint8)
+            img[20:50, 10 + 3 * k:40 + 3 * k] = (230, 60, 60)
+            img[(yy - 70) ** 2 + (xx - 90 + 2 * k) ** 2 <= 18 ** 2] = (60, 220, 90)
+            for packet in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in s.encode(None):
+            out.mux(packet)
+
+
+def _frames(path: Path) -> list[np.ndarray]:
+    with av.open(str(path)) as c:
+        return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("video")
+    cfg = tiny_train_config(root / "run", ["model.roi_heads.num_classes=2"])
+    torch.manual_seed(0)
+    save_checkpoint(root / "tiny.pth", build_model(cfg).state_dict(), cfg.to_dict(),
+                    {"ids": [3, 7], "names": ["square", "disc"]}, 0)
+    _write_video(root / "clip.mp4", 12, 120, 160)
+    return root
+
+
+def test_video_gives_an_annotated_video_and_a_json_line_per_frame(setup, capsys):
+    out = setup / "out"
+    assert main(["predict", str(setup / "clip.mp4"), "--weights", str(setup / "tiny.pth"), "--output", str(out),
+                 "--score-thresh", "0.05", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "12 frames in" in printed and "frames/s" in printed
+    lines = [json.loads(line) for line in (out / "clip.jsonl").read_text().splitlines()]
+    assert [line["frame"] for line in lines] == list(range(12))
+    assert np.allclose([line["time"] for line in lines], np.arange(12) / 10)
+    assert not list(out.glob("*.tmp.*"))
+
+    # the same detections as the predictor on the frames PyAV decodes
+    frames = _frames(setup / "clip.mp4")
+    pred = Predictor(setup / "tiny.pth", "cpu")
+    n_dets = 0
+    for line, frame in zip(lines, frames):
+        o = pred(frame)
+        keep = (o["scores"] >= 0.05).tolist()
+        want = [b for b, k in zip(o["boxes"].tolist(), keep) if k]
+        got = [[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in line["detections"])]
+        assert np.allclose(got, want, atol=1e-4)
+        assert [d["category_id"] for d in line["detections"]] == [[3, 7][v - 1] for v, k in
+                                                                   zip(o["labels"].tolist(), keep) if k]
+        assert all(d["class_name"] in ("square", "disc") and "counts" in d["segmentation"] for d in line["detections"])
+        n_dets += len(line["detections"])
+    assert n_dets > 0, "nothing detected: the overlay comparison below would test nothing"
+
+    # the annotated video: as many frames, of the source's size, showing the overlays
+    drawn = _frames(out / "clip.mp4")
+    assert len(drawn) == 12 and drawn[0].shape == frames[0].shape
+    with av.open(str(out / "clip.mp4")) as c:
+        assert c.streams.video[0].average_rate == 10
+    changed = [np.abs(d.astype(int) - f.astype(int)).mean() for d, f in zip(drawn, frames)]
+    with_dets = [c for c, line in zip(changed, lines) if line["detections"]]
+    assert min(with_dets) > 1.0, "detections were drawn, but the frames look like the source"
+
+
+def test_odd_sizes_max_frames_and_batches(setup):
+    with av.open(str(setup / "odd.mkv"), "w") as o:  # an odd-sized source (ffv1 takes odd sides)
+        s = o.add_stream("ffv1", rate=5)
+        s.width, s.height, s.pix_fmt = 75, 61, "yuv444p"
+        for k in range(6):
+            img = np.random.default_rng(k).integers(0, 255, (61, 75, 3), dtype=np.uint8)
+            for packet in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                o.mux(packet)
+        for packet in s.encode(None):
+            o.mux(packet)
+    out = setup / "odd_out"
+    assert main(["predict", str(setup / "odd.mkv"), "--weights", str(setup / "tiny.pth"), "--output", str(out),
+                 "--max-frames", "4", "--batch-size", "3", "--no-progress"]) == 0
+    assert len((out / "odd.jsonl").read_text().splitlines()) == 4
+    drawn = _frames(out / "odd.mp4")
+    assert len(drawn) == 4 and drawn[0].shape == (62, 76, 3)  # H.264 needs even sides: one edge row/column added
+
+
+def test_bad_videos_are_one_line_errors(setup, capsys):
+    (setup / "junk.mp4").write_bytes(np.random.default_rng(0).bytes(5000))
+    (setup / "half.mp4").write_bytes((setup / "clip.mp4").read_bytes()[:200])
+    for name, expected in [("junk.mp4", "cannot read video"), ("half.mp4", "cannot read video"), ("missing.mp4", "no such video")]:
+        code = main(["predict", str(setup / name), "--weights", str(setup / "tiny.pth"), "--output",
+                     str(setup / "bad_out"), "--no-progress"])
+        err = capsys.readouterr().err
+        assert code != 0 and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1, err
+        assert expected in err, err
+    assert not (setup / "bad_out").exists() or not list((setup / "bad_out").iterdir())
+
+
+def test_missing_extra_names_the_pip_line(setup, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "av", None)  # import av now fails
+    code = main(["predict", str(setup / "clip.mp4"), "--weights", str(setup / "tiny.pth"), "--output",
+                 str(setup / "noav")])
+    err = capsys.readouterr().err
+    assert code != 0 and 'pip install "maskrcnn[video]"' in err and "Traceback" not in err
