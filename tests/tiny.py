@@ -108,3 +108,20 @@ def uncompressed_rle(mask: np.ndarray) -> dict:
             cur, n = v, 0
         n += 1
     return {"size": list(mask.shape), "counts": runs + [n]}
+
+
+def holes_filled(m):
+    """The mask plus the background that cannot reach the border through 8-connected background."""
+    bg = ~np.pad(m, 1)
+    outside = np.zeros_like(bg)
+    outside[0, :] = outside[-1, :] = outside[:, 0] = outside[:, -1] = True
+    while True:
+        g = np.pad(outside, 1)
+        grown = np.zeros_like(outside)
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                grown |= g[1 + dy:g.shape[0] - 1 + dy, 1 + dx:g.shape[1] - 1 + dx]
+        grown &= bg
+        if (grown == outside).all():
+            return ~outside[1:-1, 1:-1]
+        outside = grown

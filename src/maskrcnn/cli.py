@@ -165,6 +165,35 @@ def _parser() -> argparse.ArgumentParser:
                    help="inference settings baked into the graph, e.g. model.roi_heads.score_thresh=0.3")
     x.add_argument("--classes", metavar="FILE", help=CLASSES_HELP + "; stored in the exported file")
 
+    v = sub.add_parser("serve", help="an HTTP service and web page for a model (extra 'serve')",
+                       description="Serve a model over HTTP: POST /predict (images as multipart field 'image', or "
+                       "the raw body) returns detections as JSON; GET /health, GET /model; a web page at / to try "
+                       "images in a browser. Concurrent requests of one image size are batched through the model.")
+    v.add_argument("--weights", "-w", required=True, help="checkpoint, exported model (.onnx, .pt2), or with "
+                   "--config a detectron2/torchvision file")
+    v.add_argument("--config", "-c", metavar="PRESET_OR_YAML",
+                   help="the model of a detectron2/torchvision --weights file (e.g. detectron2_mask_rcnn_R_50_FPN_3x)")
+    v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    v.add_argument("--classes", metavar="FILE", help=CLASSES_HELP + "; replaces the checkpoint's class map")
+    v.add_argument("--device", default="auto")
+    v.add_argument("--fast", action="store_true", help=FAST_HELP)
+    v.add_argument("--runtime", choices=["torch", "onnxruntime", "openvino"], help=RUNTIME_HELP)
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                   "only; 0.0.0.0 for every network interface)")
+    v.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    v.add_argument("--score-thresh", type=_unit_interval, default=0.5,
+                   help="default minimum score of returned detections, 0-1 (requests may set score_thresh)")
+    v.add_argument("--max-batch", type=_positive_int, default=4, help="most images per model call (default 4)")
+    v.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long the first request of a batch waits for others of its size (default 5 ms)")
+    v.add_argument("--queue", type=_positive_int, default=64,
+                   help="most images waiting for the model; more are refused with 503 (default 64)")
+    v.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds a request may wait for its result before a 504 (default 30)")
+    v.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body in MB (default 20)")
+    v.add_argument("--max-pixels", type=_positive_int, default=40_000_000,
+                   help="largest image in pixels, width x height (default 40,000,000)")
+
     d = sub.add_parser("demo", help="generate shapes, train, evaluate and predict, on the CPU in minutes",
                        description="The whole job on the built-in synthetic shapes: write the dataset, train the "
                        "CPU-sized model, print the COCO AP table, and draw predictions on a few validation images.")
@@ -435,6 +464,26 @@ def _cmd_predict(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    from maskrcnn._extras import require
+    from maskrcnn.engine.predictor import Predictor
+    from maskrcnn.serve.app import PIP_LINE, ServeSettings, create_app
+
+    uvicorn = require("uvicorn", "maskrcnn serve", PIP_LINE)
+    require("fastapi", "maskrcnn serve", PIP_LINE)
+    if not 0 <= args.port <= 65535 or args.timeout <= 0 or args.max_wait_ms < 0 or args.max_upload_mb <= 0:
+        raise ValueError("--port must be 0-65535, --timeout and --max-upload-mb positive, --max-wait-ms >= 0")
+    pred = Predictor(args.weights, args.device, args.overrides, args.config, args.classes, runtime=args.runtime,
+                     fast=args.fast)
+    settings = ServeSettings(args.score_thresh, args.max_batch, args.max_wait_ms, args.queue, args.timeout,
+                             args.max_upload_mb, args.max_pixels)
+    app = create_app(pred, args.weights, args.runtime, settings)
+    print(f"serving {args.weights} at http://{args.host}:{args.port}/ (web page; API: POST /predict, GET /health, "
+          "GET /model, docs at /docs); Ctrl-C stops", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    return 0
+
+
 def _cmd_export(args) -> int:
     from maskrcnn.engine.predictor import Predictor
     from maskrcnn.export.exporter import check_format, check_output_path, export_model
@@ -692,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
     limit_spin_waiting()  # before anything starts torch
     parser = _parser()
     args = parser.parse_args(argv)
-    commands = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "demo": _cmd_demo,
+    commands = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "demo": _cmd_demo, "serve": _cmd_serve,
                 "convert": _cmd_convert, "smoke": _cmd_smoke, "export": _cmd_export,
                 "inspect": _cmd_inspect, "convert-data": _cmd_convert_data}
     if args.command not in commands:

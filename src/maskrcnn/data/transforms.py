@@ -7,8 +7,10 @@ inference.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -22,19 +24,34 @@ class BadImageError(ValueError):
     """An image file that is missing, unreadable, or not what the annotations say."""
 
 
-def load_image(path: str | Path, expected_size: tuple[int, int] | None = None) -> Tensor:
+class ImageTooLarge(BadImageError):
+    """An image with more pixels than the caller allows (an upload to the server)."""
+
+
+def load_image(path: str | Path | BinaryIO, expected_size: tuple[int, int] | None = None, name: str | None = None,
+               max_pixels: int | None = None) -> Tensor:
     """``(3, H, W)`` uint8 RGB with the EXIF orientation applied (photos from phones are stored
-    sideways and tagged; COCO annotations refer to the upright image)."""
-    path = Path(path)
+    sideways and tagged; COCO annotations refer to the upright image). ``path`` may be an open
+    binary file (an upload), called ``name`` in errors; ``max_pixels`` refuses larger images before
+    their pixels are decoded."""
+    src = Path(path) if isinstance(path, (str, os.PathLike)) else path
+    label = name or str(src)
     try:
-        with Image.open(path) as img:
+        with Image.open(src) as img:
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                raise ImageTooLarge(f"image {label} is {img.width}x{img.height} pixels, more than the "
+                                    f"{max_pixels:,} allowed")
             arr = rgb_array(ImageOps.exif_transpose(img))
     except FileNotFoundError:
-        raise BadImageError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise BadImageError(f"cannot decode image {path}: {type(e).__name__}: {e}") from None
+        raise BadImageError(f"image not found: {label}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        if isinstance(e, BadImageError):
+            raise
+        if isinstance(e, UnidentifiedImageError):  # PIL's message names the Python object of an upload
+            raise BadImageError(f"cannot decode image {label}: not in an image format PIL reads") from None
+        raise BadImageError(f"cannot decode image {label}: {type(e).__name__}: {e}") from None
     if expected_size is not None and arr.shape[:2] != tuple(expected_size):
-        raise BadImageError(f"image {path} is {arr.shape[1]}x{arr.shape[0]} (WxH) but the annotations say "
+        raise BadImageError(f"image {label} is {arr.shape[1]}x{arr.shape[0]} (WxH) but the annotations say "
                             f"{expected_size[1]}x{expected_size[0]}")
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 

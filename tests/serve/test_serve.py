@@ -1,0 +1,304 @@
+"""``maskrcnn serve`` end to end on loopback: the CLI starts the server in a subprocess, the tests
+send real HTTP requests (the API, bad uploads, a load test) and drive the web page in headless
+Chromium."""
+
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from maskrcnn.engine.checkpoint import save_checkpoint
+from maskrcnn.engine.predictor import Predictor
+from maskrcnn.modeling.build import build_model
+from tiny import holes_filled, random_scene, tiny_train_config
+
+THRESH = 0.05  # an untrained tiny model: low scores, but detections to compare
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _scene(h: int, w: int, seed: int) -> np.ndarray:
+    return (random_scene(h, w, seed).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def _request(url: str, data: bytes | None = None, ctype: str | None = None, timeout: float = 60):
+    """(status, JSON or text) of a GET (no data) or POST."""
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    if ctype:
+        req.add_header("Content-Type", ctype)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            body, status, kind = r.read(), r.status, r.headers.get("content-type", "")
+    except urllib.error.HTTPError as e:
+        body, status, kind = e.read(), e.code, e.headers.get("content-type", "")
+    return status, json.loads(body) if kind.startswith("application/json") else body.decode()
+
+
+def _multipart(files: list[tuple[str, str, bytes]]) -> tuple[bytes, str]:
+    """A multipart/form-data body of (field, file name, bytes)."""
+    boundary = uuid.uuid4().hex
+    out = b""
+    for field, name, data in files:
+        out += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{name}\"\r\n"
+                f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def _post_images(base: str, images: list[tuple[str, bytes]], query: str = "", field: str = "image"):
+    body, ctype = _multipart([(field, name, data) for name, data in images])
+    return _request(f"{base}/predict{query}", body, ctype)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    root = tmp_path_factory.mktemp("serve")
+    cfg = tiny_train_config(root / "run", ["model.roi_heads.num_classes=2"])
+    torch.manual_seed(0)
+    save_checkpoint(root / "tiny.pth", build_model(cfg).state_dict(), cfg.to_dict(),
+                    {"ids": [3, 7], "names": ["square", "disc"]}, 0)
+    port = _free_port()
+    log = (root / "server.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "maskrcnn", "serve", "--weights", str(root / "tiny.pth"),
+                             "--port", str(port), "--device", "cpu", "--score-thresh", str(THRESH),
+                             "--max-upload-mb", "1", "--max-pixels", "1000000"],
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            if _request(f"{base}/health", timeout=2)[0] == 200:
+                break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail("the server did not start: " + (root / "server.log").read_text())
+        time.sleep(0.3)
+    yield {"base": base, "root": root, "proc": proc}
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_missing_extra_names_the_pip_line(tmp_path, capsys, monkeypatch):
+    from maskrcnn.cli import main
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn now fails
+    assert main(["serve", "--weights", str(tmp_path / "model.pth")]) != 0
+    err = capsys.readouterr().err
+    assert 'pip install "maskrcnn[serve]"' in err and "Traceback" not in err
+
+
+def _masks_of(detections, h, w):
+    return [mask_utils.decode(d["segmentation"]).astype(bool) if isinstance(d["segmentation"], dict) else
+            mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(d["segmentation"], h, w))).astype(bool)
+            for d in detections]
+
+
+def test_predict_returns_what_the_predictor_gives(server):
+    base, root = server["base"], server["root"]
+    arr = _scene(150, 110, 1)  # portrait
+    status, answer = _post_images(base, [("portrait.png", _png(arr))])
+    assert status == 200, answer
+    (image,) = answer["images"]
+    assert (image["file_name"], image["width"], image["height"]) == ("portrait.png", 110, 150)
+    dets = image["detections"]
+    assert dets, "an untrained model finds something at 0.05: nothing to compare otherwise"
+    want = Predictor(root / "tiny.pth", "cpu")(arr)
+    keep = want["scores"] >= THRESH
+    boxes = want["boxes"][keep]
+    assert np.allclose([[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in dets)], boxes.numpy(), atol=1e-3)
+    assert np.allclose([d["score"] for d in dets], want["scores"][keep].numpy(), atol=1e-5)
+    assert [d["category_id"] for d in dets] == [[3, 7][v - 1] for v in want["labels"][keep].tolist()]
+    assert [d["class_name"] for d in dets] == [["square", "disc"][v - 1] for v in want["labels"][keep].tolist()]
+    want_masks = (want["masks"][keep][:, 0] >= 0.5).numpy()
+    rle_masks = _masks_of(dets, 150, 110)
+    assert all((a == b).all() for a, b in zip(rle_masks, want_masks))
+
+    # polygons: the same regions (outlines of the pixels; COCO polygons fill holes)
+    status, answer = _post_images(base, [("portrait.png", _png(arr))], "?mask_format=polygon")
+    poly_masks = _masks_of(answer["images"][0]["detections"], 150, 110)
+    for p, m in zip(poly_masks, want_masks):
+        assert (p == holes_filled(m)).all()
+    status, answer = _post_images(base, [("portrait.png", _png(arr))], "?mask_format=none&score_thresh=0.9")
+    assert status == 200 and all("segmentation" not in d for d in answer["images"][0]["detections"])
+    assert all(d["score"] >= 0.9 for d in answer["images"][0]["detections"])
+
+
+def test_several_images_raw_bodies_health_and_model(server):
+    base = server["base"]
+    a, b = _scene(96, 160, 2), _scene(160, 96, 3)
+    status, answer = _post_images(base, [("a.png", _png(a)), ("b.jpg", _png(b))])
+    assert status == 200 and [(i["file_name"], i["width"]) for i in answer["images"]] == [("a.png", 160), ("b.jpg", 96)]
+    status, raw = _request(f"{base}/predict", _png(a), "image/png")
+    assert status == 200 and raw["images"][0]["detections"] == answer["images"][0]["detections"]
+    status, health = _request(f"{base}/health")
+    assert status == 200 and health["status"] == "ok"
+    status, model = _request(f"{base}/model")
+    assert model["classes"] == [{"id": 3, "name": "square"}, {"id": 7, "name": "disc"}]
+    assert model["model"]["architecture"] == "ResNet-18-FPN" and model["model"]["masks"] is True
+    assert model["serving"]["max_upload_mb"] == 1 and model["serving"]["score_thresh"] == THRESH
+    status, page = _request(f"{base}/")
+    assert status == 200 and 'id="overlay"' in page and 'id="detections"' in page
+
+
+@pytest.mark.parametrize("case,expected_status,expected_text", [
+    ("not an image", 415, "not in an image format"),
+    ("truncated png", 415, "cannot decode image"),
+    ("too many bytes", 413, "MB"),
+    ("too many pixels", 413, "pixels"),
+    ("wrong field", 422, "field named 'image'"),
+    ("bad option", 422, "mask_format"),
+    ("bad threshold", 422, "score_thresh"),
+    ("form without files", 422, "field named 'image'"),
+    ("wrong content type", 415, "multipart/form-data"),
+    ("empty body", 422, "empty"),
+])
+def test_bad_uploads_are_4xx_json_errors(server, case, expected_status, expected_text):
+    base = server["base"]
+    good = _png(_scene(64, 64, 4))
+    if case == "not an image":
+        status, answer = _post_images(base, [("model.pth", b"PK\x03\x04 not an image at all")])
+    elif case == "truncated png":
+        status, answer = _post_images(base, [("cut.png", good[: len(good) // 2])])
+    elif case == "too many bytes":  # the server allows 1 MB
+        status, answer = _post_images(base, [("big.png", os.urandom(1_500_000))])
+    elif case == "too many pixels":  # 1,000,000 allowed; a 1,200 x 1,000 PNG compresses to a few kB
+        status, answer = _post_images(base, [("huge.png", _png(np.zeros((1000, 1200, 3), np.uint8)))])
+    elif case == "wrong field":
+        status, answer = _post_images(base, [("a.png", good)], field="file")
+    elif case == "bad option":
+        status, answer = _post_images(base, [("a.png", good)], "?mask_format=svg")
+    elif case == "bad threshold":
+        status, answer = _post_images(base, [("a.png", good)], "?score_thresh=2")
+    elif case == "form without files":
+        body, ctype = _multipart([])
+        status, answer = _request(f"{base}/predict", body, ctype)
+    elif case == "wrong content type":
+        status, answer = _request(f"{base}/predict", b'{"image": "a.png"}', "application/json")
+    else:
+        status, answer = _request(f"{base}/predict", b"", "image/png")
+    assert status == expected_status, answer
+    assert expected_text in answer["error"], answer
+    # the server is alive and still answers correctly
+    assert _post_images(base, [("a.png", good)])[0] == 200
+    assert server["proc"].poll() is None
+
+
+def test_load_200_requests_at_concurrency_8(server):
+    """Zero errors, and concurrent requests of one size are batched (the latencies are for the
+    tiny model under test load: benchmarks/serve.py measures the demo model)."""
+    base = server["base"]
+    images = [_png(_scene(128, 128, 10 + k)) for k in range(8)]
+    before = _request(f"{base}/health")[1]
+
+    def one(k):
+        start = time.perf_counter()
+        status, answer = _post_images(base, [(f"{k}.png", images[k % 8])])
+        return status, time.perf_counter() - start
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(one, range(200)))
+    wall = time.perf_counter() - start
+    statuses = [s for s, _ in outcomes]
+    assert statuses == [200] * 200, [s for s in statuses if s != 200][:5]
+    lat = sorted(t for _, t in outcomes)
+    after = _request(f"{base}/health")[1]
+    images_done, batches = after["images"] - before["images"], after["batches"] - before["batches"]
+    assert images_done == 200 and batches < 200, (images_done, batches)
+    print(f"200 requests, concurrency 8: {200 / wall:.1f} req/s, p50 {statistics.median(lat) * 1000:.0f} ms, "
+          f"p95 {lat[int(0.95 * len(lat)) - 1] * 1000:.0f} ms, {200 / batches:.2f} images per model call")
+
+
+def _chromium():
+    found = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+    if not all(found):
+        msg = "Debian's chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)"
+        if os.environ.get("MASKRCNN_CI"):
+            pytest.fail(msg + " (MASKRCNN_CI is set: .ci/run installs them)")
+        pytest.skip(msg)
+    return found
+
+
+def test_web_page_in_headless_chromium(server, tmp_path):
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser, driver_path = _chromium()
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1400,900", f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    arr = _scene(300, 400, 5)
+    picture = tmp_path / "street.png"
+    picture.write_bytes(_png(arr))
+    status, answer = _post_images(server["base"], [("street.png", picture.read_bytes())], "?mask_format=polygon")
+    expected = answer["images"][0]["detections"]
+    assert expected, "nothing to show in the table"
+
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        driver.get(server["base"] + "/")
+        WebDriverWait(driver, 30).until(lambda d: "classes: square, disc" in d.find_element(By.ID, "model").text)
+        driver.find_element(By.ID, "file").send_keys(str(picture))
+        WebDriverWait(driver, 60).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state")
+                                        in ("done", "error"))
+        status_text = driver.find_element(By.ID, "status").text
+        assert driver.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done", status_text
+        rows = driver.find_elements(By.CSS_SELECTOR, "#detections tbody tr.detection")
+        assert len(rows) == len(expected)
+        first = rows[0].find_elements(By.TAG_NAME, "td")
+        assert first[1].text == expected[0]["class_name"] and first[2].text == f"{expected[0]['score']:.3f}"
+        assert f"{len(expected)} detection" in status_text and "400x300" in status_text
+        size = driver.execute_script("const c = document.getElementById('overlay'); return [c.width, c.height];")
+        assert size == [400, 300]
+        # the overlay is drawn: the canvas differs from the picture inside the first box
+        x, y, w, h = (int(v) for v in expected[0]["bbox"])
+        pixels = driver.execute_script(
+            "const c = document.getElementById('overlay').getContext('2d');"
+            f"return Array.from(c.getImageData({x}, {y}, {max(w, 1)}, {max(h, 1)}).data);")
+        drawn = np.array(pixels, dtype=np.int64).reshape(max(h, 1), max(w, 1), 4)[..., :3]
+        assert np.abs(drawn - arr[y:y + max(h, 1), x:x + max(w, 1)].astype(np.int64)).mean() > 5
+        shot = os.environ.get("MASKRCNN_SCREENSHOT")  # where to keep a screenshot to look at
+        driver.save_screenshot(shot or str(tmp_path / "page.png"))
+        # a bad upload shows the server's error on the page
+        bad = tmp_path / "notes.png"
+        bad.write_bytes(b"not a picture")
+        driver.find_element(By.ID, "file").send_keys(str(bad))
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state")
+                                        == "error")
+        assert "cannot decode image notes.png" in driver.find_element(By.ID, "status").text
+    finally:
+        driver.quit()
