@@ -89,8 +89,25 @@ def test_short_training_run_drives_every_loss_down(polygons):
     # proposals) and seeded samples, so the objective is the same at every step and each loss is
     # compared with itself. (With the RPN's own proposals, more sampled RoIs become foreground as
     # it learns, so the summed box loss over a fixed-size sample first grows by design.)
+    _assert_losses_fall(tiny_config(), polygons)
+
+
+# the paper's ablations (maskrcnn ablate): each variant must train
+@pytest.mark.parametrize("extra", [
+    ["model.box_head.pooler_type=ROIPool", "model.mask_head.pooler_type=ROIPool"],
+    ["model.box_head.pooler_type=ROIWarp", "model.mask_head.pooler_type=ROIWarp"],
+    ["model.mask_head.loss=softmax"],
+    ["model.mask_head.class_agnostic=true"],
+    ["model.mask_head.head=mlp", "model.mask_head.mlp_dims=[128, 128]"],
+    ["model.mask_on=false"],
+], ids=["roipool", "roiwarp", "softmax", "agnostic", "mlp", "no_mask"])
+def test_ablation_variants_train(extra):
+    _assert_losses_fall(tiny_config(extra=extra), polygons=False)
+
+
+def _assert_losses_fall(cfg, polygons: bool) -> None:
     torch.manual_seed(0)
-    model = maskrcnn.build_model(tiny_config())
+    model = maskrcnn.build_model(cfg)
     model.train()
     data = [shapes_sample(i, polygons=polygons) for i in range(2)]
     images, targets = [d[0] for d in data], [d[1] for d in data]

@@ -25,6 +25,8 @@ from maskrcnn.config.choices import (
     MASK_FORMATS,
     NORMS,
     PASTE_STYLES,
+    MASK_HEADS,
+    MASK_LOSSES,
     POOLER_TYPES,
     PRECISIONS,
     RESIZE_STYLES,
@@ -171,10 +173,13 @@ class MaskHeadConfig:
     pooler_sampling_ratio: int = 0
     pooler_aligned: bool = True
     pooler_type: str = _choice("ROIAlign", POOLER_TYPES, "RoI feature extractor")
+    head: str = _choice("fcn", MASK_HEADS, "the paper's FCN (convs + deconv) or its MLP ablation (Table 2e)")
     num_conv: int = _at_least(4, 0)
     conv_dim: int = _at_least(256, 1)
+    mlp_dims: tuple[int, ...] = _positive((1024, 1024))  # head=mlp: hidden fully connected layers
     norm: str = _choice("", NORMS, "normalisation in the head's convs")
     class_agnostic: bool = False
+    loss: str = _choice("sigmoid", MASK_LOSSES, "per-class sigmoids (the paper) or a softmax over classes (Table 2b)")
     target_aligned: bool = True  # how bitmap ground truth is cropped into 28x28 targets
     target_sampling_ratio: int = 0
     target_binarize: bool = True

@@ -22,7 +22,7 @@ from maskrcnn.modeling.roi_heads.box_head import FastRCNNConvFCHead, FastRCNNPre
 from maskrcnn.modeling.roi_heads.c4 import Res5ROIHeads
 from maskrcnn.modeling.roi_heads.cascade import CascadeROIHeads
 from maskrcnn.modeling.roi_heads.keypoint_head import KeypointRCNNConvDeconvUpsampleHead
-from maskrcnn.modeling.roi_heads.mask_head import MaskRCNNConvUpsampleHead
+from maskrcnn.modeling.roi_heads.mask_head import MaskRCNNConvUpsampleHead, MaskRCNNMLPHead
 from maskrcnn.modeling.roi_heads.standard import StandardROIHeads
 from maskrcnn.modeling.rpn import RPN, RPNHead
 
@@ -93,9 +93,13 @@ def build_model(cfg: Config) -> MaskRCNN:
                                           mh.pooler_type, **level_rule) if m.mask_on else None
     predictor = FastRCNNPredictor(box_dim, rh.num_classes, bh.class_agnostic)
 
-    def new_mask_head() -> MaskRCNNConvUpsampleHead:
+    def new_mask_head() -> nn.Module:
+        softmax = mh.loss == "softmax"
+        if mh.head == "mlp":
+            resolution = bh.pooler_resolution if c4 else mh.pooler_resolution  # C4: res5's output, 7x7 -> 14x14
+            return MaskRCNNMLPHead(mask_in, resolution, rh.num_classes, mh.mlp_dims, mh.class_agnostic, softmax)
         return MaskRCNNConvUpsampleHead(mask_in, rh.num_classes, mh.num_conv, mh.conv_dim, mh.norm,
-                                        class_agnostic=mh.class_agnostic)
+                                        class_agnostic=mh.class_agnostic, softmax=softmax)
 
     mask_head = new_mask_head() if m.mask_on else None
     common = dict(fg_iou=rh.fg_iou_thresh, bg_iou=rh.bg_iou_thresh, batch_size_per_image=rh.batch_size_per_image,

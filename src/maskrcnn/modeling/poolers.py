@@ -18,6 +18,7 @@ from maskrcnn._checks import pair
 from maskrcnn.ops._rois import boxes_to_rois
 from maskrcnn.ops.roi_align import roi_align_unchecked
 from maskrcnn.ops.roi_pool import roi_pool
+from maskrcnn.ops.roi_warp import roi_warp_unchecked
 from maskrcnn.structures.boxes import area
 from maskrcnn.structures.precision import geometry_dtype
 
@@ -39,7 +40,7 @@ class MultiLevelRoIPooler(nn.Module):
         strides: stride of each feature map in ``forward``'s list, powers of two increasing by 2x
             (``(4, 8, 16, 32)`` for FPN P2-P5, ``(16,)`` for the C4 architecture).
         sampling_ratio, aligned: as in :func:`maskrcnn.ops.roi_align`.
-        pooler_type: ``"ROIAlign"`` (Mask R-CNN) or ``"ROIPool"`` (the paper's ablation).
+        pooler_type: ``"ROIAlign"`` (Mask R-CNN), or ``"ROIPool"`` or ``"ROIWarp"`` (the paper's ablation).
         canonical_scale, canonical_level, eps, log_eps: the level assignment (see module doc).
     """
 
@@ -51,8 +52,9 @@ class MultiLevelRoIPooler(nn.Module):
         levels = [math.log2(s) for s in strides]
         if not strides or any(lv != round(lv) for lv in levels) or any(b - a != 1 for a, b in zip(levels, levels[1:])):
             raise ValueError(f"MultiLevelRoIPooler: `strides` must be powers of two doubling per level, got {tuple(strides)}")
-        if pooler_type not in ("ROIAlign", "ROIPool"):
-            raise ValueError(f"MultiLevelRoIPooler: `pooler_type` must be 'ROIAlign' or 'ROIPool', got {pooler_type!r}")
+        if pooler_type not in ("ROIAlign", "ROIPool", "ROIWarp"):
+            raise ValueError(f"MultiLevelRoIPooler: `pooler_type` must be 'ROIAlign', 'ROIPool' or 'ROIWarp', got "
+                             f"{pooler_type!r}")
         self.strides = tuple(int(s) for s in strides)
         self.min_level, self.max_level = int(levels[0]), int(levels[-1])
         self.sampling_ratio = int(sampling_ratio)
@@ -66,6 +68,8 @@ class MultiLevelRoIPooler(nn.Module):
     def _pool(self, feature: Tensor, rois: Tensor, stride: int) -> Tensor:
         if self.pooler_type == "ROIPool":
             return roi_pool(feature, rois, self.output_size, 1.0 / stride)
+        if self.pooler_type == "ROIWarp":
+            return roi_warp_unchecked(feature, rois, self.output_size, 1.0 / stride, self.sampling_ratio)
         return roi_align_unchecked(feature, rois, self.output_size, 1.0 / stride, self.sampling_ratio, self.aligned)
 
     def forward(self, features: Sequence[Tensor], boxes: Sequence[Tensor]) -> Tensor:

@@ -26,7 +26,7 @@ from maskrcnn.ops._rois import check_rois
 _CHUNK_ELEMENTS = 1 << 22
 
 
-def _round_half_away(v: Tensor) -> Tensor:
+def round_half_away(v: Tensor) -> Tensor:
     return torch.sign(v) * torch.floor(v.abs() + 0.5)
 
 
@@ -47,7 +47,7 @@ def _forward(input: Tensor, rois: Tensor, out_hw: tuple[int, int], spatial_scale
     argmax = torch.full((k, c) + out_hw, -1, dtype=torch.long, device=input.device)
     if k == 0 or c == 0 or height == 0 or width == 0:
         return out, argmax
-    corners = _round_half_away(rois[:, 1:] * spatial_scale)
+    corners = round_half_away(rois[:, 1:] * spatial_scale)
     h_lo, h_hi = _bin_edges(corners[:, 1], corners[:, 3], out_hw[0], height)
     w_lo, w_hi = _bin_edges(corners[:, 0], corners[:, 2], out_hw[1], width)
     span_h, span_w = (h_hi - h_lo).amax(1), (w_hi - w_lo).amax(1)

@@ -144,4 +144,4 @@ class CascadeROIHeads(StandardROIHeads):
         if self.mask_mode == "last":
             return super().mask_probs(features, boxes, labels)
         pooled = self.mask_pooler(features, boxes)
-        return torch.stack([mask_probabilities(head(pooled), labels) for head in self.mask_head]).mean(0)
+        return torch.stack([mask_probabilities(head(pooled), labels, head.softmax) for head in self.mask_head]).mean(0)

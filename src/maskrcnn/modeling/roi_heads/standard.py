@@ -169,7 +169,9 @@ class StandardROIHeads(nn.Module):
             mlogits = mask_head(self.mask_pooler(features, fg_boxes))
         size = mlogits.shape[-1]
         tgts = [mask_targets(t["masks"], b, m, size, **self.mask_target) for t, b, m in zip(targets, fg_boxes, fg_matched)]
-        return mask_loss(mlogits, fg_labels, torch.cat(tgts) if tgts else mlogits.new_zeros(0))
+        head = mask_head if mask_head is not None else self.mask_head
+        return mask_loss(mlogits, fg_labels, torch.cat(tgts) if tgts else mlogits.new_zeros(0),
+                         getattr(head, "softmax", False))
 
     def keypoint_loss(self, features: Sequence[Tensor], rois: SampledRoIs, targets: Sequence[dict]) -> Tensor:
         """The keypoint loss of the foreground RoIs against their matched instances' keypoints."""
@@ -229,7 +231,7 @@ class StandardROIHeads(nn.Module):
             d["mask_probs"] = p
 
     def mask_probs(self, features: Sequence[Tensor], boxes: Sequence[Tensor], labels: Tensor) -> Tensor:
-        return mask_probabilities(self.mask_logits(features, boxes), labels)
+        return mask_probabilities(self.mask_logits(features, boxes), labels, getattr(self.mask_head, "softmax", False))
 
     def forward(self, features: Sequence[Tensor], proposals: Sequence[Tensor], image_sizes: Sequence[tuple[int, int]],
                 targets: Sequence[dict] | None = None) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
