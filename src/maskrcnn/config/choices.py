@@ -23,3 +23,6 @@ AMP_MODES = ("", "bf16", "fp16")
 PRECISIONS = ("float32", "bf16", "fp16")
 BEST_METRICS = ("auto", "segm/AP", "bbox/AP", "keypoints/AP", "val_loss", "none")
 TENSORBOARD_MODES = ("auto", "always", "never")  # not on/off: YAML reads those as booleans
+TRAIN_PROCEDURES = ("end_to_end", "alternating")
+OPTIMIZE_PARTS = ("all", "rpn", "detector")
+FREEZABLE = ("backbone", "rpn", "roi_heads")

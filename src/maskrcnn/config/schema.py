@@ -33,6 +33,8 @@ from maskrcnn.config.choices import (
     RESNET_DEPTHS,
     SCHEDULES,
     TENSORBOARD_MODES,
+    TRAIN_PROCEDURES,
+    OPTIMIZE_PARTS,
 )
 
 
@@ -343,6 +345,13 @@ class TrainConfig:
                                "tensorboard package is installed), always (required), never")
     tensorboard_images: int = _at_least(3, 0)  # validation images drawn with their detections at each evaluation
     analyze_at_end: bool = True  # the error analysis of the final evaluation (as eval --analyze) in output_dir/analysis
+    procedure: str = _choice("end_to_end", TRAIN_PROCEDURES, "end_to_end (all losses together, the approximate joint "
+                             "training of Faster R-CNN and Mask R-CNN) or alternating (Faster R-CNN's 4 steps)")
+    # the parts of one training run (the alternating procedure sets them for each of its steps)
+    optimize: str = _choice("all", OPTIMIZE_PARTS, "which losses train: all, rpn (the RPN alone), or detector (the "
+                            "RoI heads, on the proposals of a frozen RPN)")
+    freeze: tuple[str, ...] = ()  # of backbone, rpn, roi_heads: weights fixed, batch-norm statistics too
+    proposals_from: str = ""  # optimize=detector: a checkpoint whose backbone and RPN propose (else the model's own)
 
 
 def _to_plain(obj: Any) -> Any:

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from maskrcnn._seeding import derive_seed
-from maskrcnn.config import Config
+from maskrcnn.config import Config, merge
 from maskrcnn.data.build import build_train_dataset, build_val_dataset, dataset_paths
 from maskrcnn.data.coco import ClassMap, write_skipped
 from maskrcnn.data.loader import training_loader
@@ -115,6 +115,34 @@ def param_groups(model: nn.Module, weight_decay: float, weight_decay_norm: float
         if p.requires_grad:
             (no_decay if id(p) in norm_params else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": weight_decay_norm}]
+
+
+def apply_training_parts(model: nn.Module, cfg: Config, device: torch.device) -> list[nn.Module]:
+    """``train.optimize``, ``train.freeze`` and ``train.proposals_from`` applied to ``model``; returns
+    the frozen modules (kept in eval mode while training)."""
+    from maskrcnn.config.choices import FREEZABLE
+
+    t = cfg.train
+    unknown = [name for name in t.freeze if name not in FREEZABLE]
+    if unknown:
+        raise ValueError(f"train.freeze: unknown part {unknown[0]!r}; choose from {', '.join(FREEZABLE)}")
+    if t.proposals_from and t.optimize != "detector":
+        raise ValueError("train.proposals_from gives the proposals of train.optimize=detector; set it too")
+    model.train_parts = t.optimize
+    frozen = [getattr(model, name) for name in t.freeze]
+    for module in frozen:
+        for p in module.parameters():
+            p.requires_grad_(False)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"train.freeze={list(t.freeze)} leaves nothing to train")
+    if t.proposals_from:
+        state = load_checkpoint(t.proposals_from)
+        source = build_model(merge(Config(), state["config"]))
+        source.load_state_dict(state["model"])
+        for p in source.parameters():
+            p.requires_grad_(False)
+        model.set_proposal_source(source.to(device))
+    return frozen
 
 
 def _sync_bn_for(model: nn.Module, info: DistInfo) -> nn.Module:
@@ -308,6 +336,12 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, overwrite: b
     A folder that holds another run's checkpoints is refused unless ``resume`` (continue it) or
     ``overwrite`` (its checkpoints, metrics, events and analysis removed first): a new run beside an
     old ``model_best.pth`` would leave the old run's best model looking like this one's."""
+    if cfg.train.procedure == "alternating":
+        from maskrcnn.engine.alternating import train_alternating
+
+        if resume:
+            raise ValueError("train.procedure=alternating cannot --resume (four runs in step1..step4): start over")
+        return train_alternating(cfg, progress, overwrite)
     device = select_device(cfg.train.device, DistInfo(local_rank=int(os.environ.get("LOCAL_RANK", "0"))))
     info = init_distributed(device.type)
     out_dir = Path(cfg.train.output_dir)
@@ -361,6 +395,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, overwrite: b
     elif ckpt is None and cfg.model.backbone.weights:
         # initialisation is training's business: the checkpoints of this run never need the file again
         load_imagenet_backbone(model, cfg.model.backbone.weights)
+    frozen = apply_training_parts(model, cfg, device)
     optimizer = torch.optim.SGD(param_groups(model, cfg.solver.weight_decay, cfg.solver.weight_decay_norm),
                                 lr=cfg.solver.base_lr, momentum=cfg.solver.momentum)
     amp = cfg.solver.amp
@@ -379,7 +414,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, overwrite: b
         start_iter = state["iteration"]
     net: nn.Module = model
     if info.world_size > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  find_unused_parameters=cfg.train.optimize != "all")
 
     accumulate = cfg.solver.accumulate_steps
     if cfg.solver.ims_per_batch % (info.world_size * accumulate):
@@ -462,7 +498,12 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, overwrite: b
                 f"The last good checkpoint is {last_good or 'none (no checkpoint was written yet)'}. Lower "
                 f"solver.base_lr, raise solver.warmup_iters, or set solver.clip_grad_norm.")
 
-    net.train()
+    def set_training() -> None:
+        net.train()
+        for module in frozen:  # fixed weights keep fixed batch-norm statistics too
+            module.eval()
+
+    set_training()
     data_iter = iter(loader)
     t_last, data_times = time.perf_counter(), []
     for it in range(start_iter, cfg.solver.max_iter):
@@ -532,7 +573,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, overwrite: b
         metrics = None
         if eval_now:
             metrics = run_eval(done)
-            net.train()
+            set_training()
         t_last += time.perf_counter() - t_pause  # s/it and the ETA count training steps only
         if eval_now and early_stop():
             if info.main:
@@ -548,7 +589,9 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, overwrite: b
     final = None
     if info.main:
         final = checkpoint(done, "model_final.pth")
-    if metrics is None:  # not evaluated at this iteration yet
+    # a model whose detector has not trained yet (the first steps of alternating training) is not evaluated
+    incomplete = cfg.train.optimize == "rpn" or bool(cfg.train.proposals_from)
+    if metrics is None and not incomplete:  # not evaluated at this iteration yet
         metrics = run_eval(done)
     result = {"output_dir": str(out_dir), "checkpoint": str(final) if final else None, "metrics": metrics,
               "iterations": done, "best": ({"metric": best.key, "value": best.best, "iteration": best.best_iteration,

@@ -54,6 +54,31 @@ class MaskRCNN(nn.Module):
         self.mask_threshold = mask_threshold
         self.channels_last = channels_last
         self.precision = precision
+        # the losses of a training step: "all", "rpn" (the RPN's alone) or "detector" (the RoI heads'
+        # alone, on proposals of a frozen RPN: Faster R-CNN's alternating training, engine/alternating.py)
+        self.train_parts = "all"
+        # optimize="detector": another network whose backbone and RPN propose (a list, so that it is not
+        # a submodule: its weights are not this model's and stay out of its state dict)
+        self._proposal_source: list[nn.Module] = []
+
+    def set_proposal_source(self, source: "MaskRCNN | None") -> None:
+        """With ``train_parts == "detector"``: the frozen network whose proposals the RoI heads train
+        on (``None``: this model's own RPN, frozen)."""
+        self._proposal_source = [] if source is None else [source.eval()]
+
+    @torch.no_grad()
+    def _frozen_proposals(self, batch: Tensor, rpn_feats: list[Tensor], sizes) -> list[Tensor]:
+        """Proposals of the frozen RPN (the source network's, or this model's own) as at test time."""
+        if self._proposal_source:
+            source = self._proposal_source[0]
+            feats = source.backbone(batch)
+            proposals, _ = source.rpn([feats[i] for i in source.rpn_levels], batch.shape[-2:], sizes)
+        else:
+            was_training = self.rpn.training
+            self.rpn.eval()
+            proposals, _ = self.rpn([f.detach() for f in rpn_feats], batch.shape[-2:], sizes)
+            self.rpn.train(was_training)
+        return [p.detach() for p in proposals]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -93,7 +118,12 @@ class MaskRCNN(nn.Module):
             if self.training:
                 assert targets is not None
                 targets = [{k: (v.to(batch.device) if hasattr(v, "to") else v) for k, v in t.items()} for t in targets]
-                proposals, losses = self.rpn(rpn_feats, batch.shape[-2:], sizes, targets)
+                if self.train_parts == "detector":
+                    proposals, losses = self._frozen_proposals(batch, rpn_feats, sizes), {}
+                else:
+                    proposals, losses = self.rpn(rpn_feats, batch.shape[-2:], sizes, targets)
+                    if self.train_parts == "rpn":
+                        return losses
                 _, roi_losses = self.roi_heads(roi_feats, proposals, sizes, targets)
                 losses.update(roi_losses)
                 return losses
