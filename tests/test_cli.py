@@ -17,10 +17,12 @@ from tiny import set_args, tiny_train_overrides
 
 
 @pytest.mark.parametrize("command,expected", [
-    ([], ["train", "eval", "predict", "demo", "convert"]),
+    ([], ["train", "eval", "predict", "demo", "convert", "serve", "ablate"]),
+    (["serve"], ["--weights", "--max-batch", "--max-upload-mb", "--timeout", "0.0.0.0"]),
+    (["ablate"], ["--budget", "--seeds", "--arch", "roi_pooling", "alternating"]),
     (["train"], ["--config", "--set", "--resume", "torchrun"]),
     (["eval"], ["--weights", "--dataset", "12-number"]),
-    (["predict"], ["--weights", "--score-thresh", "glob"]),
+    (["predict"], ["--weights", "--score-thresh", "glob", "video", "--max-frames"]),
     (["demo"], ["--output", "shapes"]),
     (["convert"], ["torchvision", "destination"]),
 ])
