@@ -151,3 +151,79 @@ def test_memory_of_a_10000_px_image_grows_with_the_objects_not_the_image():
     # 125 masks of the whole image would be 12.5 GB: the crops (300x300 each) are 11 MB, a batch of two
     # windows' masks 40 MB
     assert peak < 150 and kept < 40, f"peak {peak:.0f} MB, kept {kept:.0f} MB over the 300 MB image"
+
+
+class Scripted:
+    """Returns, for the window at (x, y), the detections ``script[(x, y)]``: (box, score, label) in
+    window pixels, each with its box filled as mask."""
+
+    def __init__(self, script: dict, width: int) -> None:
+        self.script, self.width = script, width
+
+    def __call__(self, crops):
+        outs = []
+        for crop in crops:
+            y, x = divmod(crop.storage_offset(), self.width)
+            h, w = crop.shape[-2:]
+            dets = self.script.get((x, y), [])
+            masks = torch.zeros((len(dets), 1, h, w), dtype=torch.bool)
+            for k, (box, _, _) in enumerate(dets):
+                masks[k, 0, box[1]:box[3], box[0]:box[2]] = True
+            outs.append({"boxes": torch.tensor([d[0] for d in dets], dtype=torch.float32).reshape(-1, 4),
+                         "scores": torch.tensor([d[1] for d in dets]), "labels": torch.tensor([d[2] for d in dets],
+                                                                                              dtype=torch.int64),
+                         "masks": masks})
+        return outs
+
+
+def test_one_window_gives_the_models_detections_unmerged():
+    # two overlapping detections of one class from one window (a confident one and a weak one that
+    # covers more): the model kept both, so slicing keeps both, unchanged, as on the whole image
+    dets = [([20, 20, 60, 60], 0.95, 1), ([15, 15, 65, 62], 0.11, 1)]  # mask IoU 0.68
+    image = torch.zeros((3, 80, 100), dtype=torch.uint8)
+    out = predict_sliced(Scripted({(0, 0): dets}, 100), image, tile=128, overlap=0.2)
+    assert out.boxes.tolist() == [[20, 20, 60, 60], [15, 15, 65, 62]]
+    assert out.full_mask(0).sum() == 40 * 40 and out.full_mask(1).sum() == 50 * 47
+
+
+def test_a_blob_from_another_window_cannot_grow_an_object_over_its_neighbour():
+    # window A = x 0..100 sees a large object (x 30..90) and its small neighbour (x 92..98) apart;
+    # window B = x 60..160 reports one weak blob over both (x 60..98): it agrees with the large
+    # object where both windows look (IoU 30/38), but all of it lies in A, which saw them apart
+    width = 160
+    script = {(0, 0): [([30, 20, 90, 60], 0.95, 1), ([92, 20, 98, 60], 0.9, 1)],
+              (60, 0): [([0, 20, 38, 60], 0.2, 1)]}
+    image = torch.zeros((3, 100, width), dtype=torch.uint8)
+    out = predict_sliced(Scripted(script, width), image, tile=100, overlap=0.4)
+    assert out.boxes.tolist()[:2] == [[30, 20, 90, 60], [92, 20, 98, 60]]
+    assert out.full_mask(0).sum() == 60 * 40  # not grown
+    # and an object that does continue past A's border still gets B's part
+    script = {(0, 0): [([30, 20, 100, 60], 0.95, 1)], (60, 0): [([0, 20, 70, 60], 0.5, 1)]}
+    out = predict_sliced(Scripted(script, width), image, tile=100, overlap=0.4)
+    assert out.boxes.tolist() == [[30, 20, 130, 60]] and out.full_mask(0).sum() == 100 * 40
+
+
+def test_bad_arguments():
+    image = torch.zeros((3, 50, 50), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="batch_size"):
+        predict_sliced(Scripted({}, 50), image, tile=32, batch_size=0)
+    with pytest.raises(ValueError, match=r"\(3, H, W\), got \(50, 50, 3\)"):
+        predict_sliced(Scripted({}, 50), image.permute(1, 2, 0), tile=32)
+
+
+def test_an_image_within_one_window_gets_the_plain_detections_of_a_real_model():
+    # an untrained tiny model: many overlapping low-score detections of one class, the case where
+    # merging within a window would show
+    import maskrcnn
+    from tiny import random_scene, tiny_config
+
+    torch.manual_seed(0)
+    model = maskrcnn.build_model(tiny_config()).eval()
+    image = random_scene(120, 160, 3).float()
+    with torch.no_grad():
+        plain = model([image])[0]
+    sliced = predict_sliced(model, image, tile=256)
+    assert len(plain["boxes"]) > 5
+    assert torch.equal(sliced.boxes, plain["boxes"]) and torch.equal(sliced.labels, plain["labels"])
+    for k in range(len(sliced)):
+        assert (sliced.full_mask(k) == plain["masks"][k, 0].numpy()).all()

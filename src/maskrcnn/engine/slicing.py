@@ -7,8 +7,13 @@ and merged. Two detections of one class from two windows are one object when the
 windows saw the image: in the windows' common area, their masks (boxes for a model without masks)
 overlap with an IoU of at least ``merge_iou``. That joins an object seen whole in one window and
 cut in another, and the pieces of an object larger than any window, while two objects side by side
-stay two (in the common area one of them is absent from the other's mask). The merged instance is
-the union of the boxes and masks, with the best score. Masks are kept as crops of their boxes
+stay two (in the common area one of them is absent from the other's mask). Two detections from
+one window are never merged: the model saw both whole and kept both, as it does on a whole image
+(so an image that fits one window gets exactly the model's detections). The best-scored detection
+of an object is its base; another window adds only what it saw outside the windows the object was
+already seen in, so a blob reported by a window that saw a cut-off view cannot swallow a neighbour
+the first window saw separately; the box grows to cover the added mask pixels (boxes without
+masks: only past the edges of the windows already seen). Masks are kept as crops of their boxes
 (``SlicedDetections.masks``), never as an image-sized array per detection, so memory grows with
 the objects, not with the image.
 """
@@ -132,8 +137,11 @@ class _Instance:
         return out
 
     def agrees_with(self, other: _Instance, min_iou: float) -> bool:
-        """Whether the two are one object: in some common area of their windows, IoU >= ``min_iou``."""
+        """Whether the two are one object: seen by different windows, and in some common area of
+        their windows, IoU >= ``min_iou``."""
         if self.label != other.label or _box_overlap(self.box, other.box) <= 0:
+            return False
+        if any(a == b for a in self.windows for b in other.windows):  # one window reported both: two objects
             return False
         for a in self.windows:
             for b in other.windows:
@@ -147,20 +155,38 @@ class _Instance:
         return False
 
     def absorb(self, other: _Instance) -> None:
-        self.box = [min(self.box[0], other.box[0]), min(self.box[1], other.box[1]),
-                    max(self.box[2], other.box[2]), max(self.box[3], other.box[3])]
+        """Join ``other`` (seen by other windows, scored no higher): its pixels outside the windows
+        this object was already seen in are added, and the box grows to cover them."""
+        seen = list(self.windows)
         self.score = max(self.score, other.score)
         self.windows += other.windows
-        if self.crop is None or other.crop is None:
+        if self.crop is None or other.crop is None:  # boxes only: grow only past the seen windows' edges
+            b, o = self.box, other.box
+            self.box = [min(b[0], o[0]) if o[0] < min(w[0] for w in seen) else b[0],
+                        min(b[1], o[1]) if o[1] < min(w[1] for w in seen) else b[1],
+                        max(b[2], o[2]) if o[2] > max(w[2] for w in seen) else b[2],
+                        max(b[3], o[3]) if o[3] > max(w[3] for w in seen) else b[3]]
             return
-        x0, y0 = min(self.x0, other.x0), min(self.y0, other.y0)
-        x1 = max(self.x0 + self.crop.shape[1], other.x0 + other.crop.shape[1])
-        y1 = max(self.y0 + self.crop.shape[0], other.y0 + other.crop.shape[0])
+        added = other.crop.copy()
+        for wx0, wy0, wx1, wy1 in seen:  # what this object's own windows saw stays theirs
+            ys = slice(max(wy0 - other.y0, 0), max(min(wy1 - other.y0, added.shape[0]), 0))
+            xs = slice(max(wx0 - other.x0, 0), max(min(wx1 - other.x0, added.shape[1]), 0))
+            added[ys, xs] = False
+        rows, cols = np.flatnonzero(added.any(1)), np.flatnonzero(added.any(0))
+        if not len(rows):
+            return
+        ax0, ay0 = other.x0 + int(cols[0]), other.y0 + int(rows[0])
+        ax1, ay1 = other.x0 + int(cols[-1]) + 1, other.y0 + int(rows[-1]) + 1
+        added = added[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+        x0, y0 = min(self.x0, ax0), min(self.y0, ay0)
+        x1, y1 = max(self.x0 + self.crop.shape[1], ax1), max(self.y0 + self.crop.shape[0], ay1)
         union = np.zeros((y1 - y0, x1 - x0), dtype=bool)
-        for part in (self, other):
-            union[part.y0 - y0:part.y0 - y0 + part.crop.shape[0], part.x0 - x0:part.x0 - x0 + part.crop.shape[1]] |= \
-                part.crop
+        union[self.y0 - y0:self.y0 - y0 + self.crop.shape[0], self.x0 - x0:self.x0 - x0 + self.crop.shape[1]] |= \
+            self.crop
+        union[ay0 - y0:ay1 - y0, ax0 - x0:ax1 - x0] |= added
         self.x0, self.y0, self.crop = x0, y0, union
+        b = self.box
+        self.box = [min(b[0], ax0), min(b[1], ay0), max(b[2], ax1), max(b[3], ay1)]
 
 
 def _box_overlap(a: list[float], b: list[float]) -> float:
@@ -180,8 +206,10 @@ def predict_sliced(model, image: Tensor, tile: int = 640, overlap: float = 0.2, 
                    merge_iou: float = 0.5) -> SlicedDetections:
     """Detections of ``model`` (eval mode, ``model([images]) -> dicts``) on ``image`` ``(3, H, W)``
     window by window, merged (module docstring)."""
-    if image.dim() != 3:
+    if image.dim() != 3 or image.shape[0] not in (1, 3):
         raise ValueError(f"image must be (3, H, W), got {tuple(image.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if not 0 < merge_iou <= 1:
         raise ValueError(f"merge_iou must be in (0, 1], got {merge_iou}")
     h, w = int(image.shape[-2]), int(image.shape[-1])
