@@ -117,9 +117,9 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("predict", help="detect and segment objects (and keypoints) in images and videos",
                        description="Run a checkpoint on images (files, folders or glob patterns); writes overlay "
                        "PNGs (masks, boxes, class names, scores) and predictions.json (COCO results format).")
-    r.add_argument("inputs", nargs="+", help="image files, folders, or glob patterns; video files (.mp4, .mov, "
-                   ".avi, .mkv, .webm, ...) or stream addresses (rtsp://, http://) give an annotated .mp4 and one "
-                   "JSON line per frame (extra 'video')")
+    r.add_argument("inputs", nargs="+", help="image files, folders, or glob patterns; video files among them "
+                   "(.mp4, .mov, .avi, .mkv, .webm, .gif, ...) and stream addresses (rtsp://, http://) give an "
+                   "annotated .mp4 and one JSON line per frame (extra 'video')")
     r.add_argument("--weights", "-w", required=True, help="checkpoint (from train or convert), or with --config a "
                    "detectron2 .pkl/.pth or torchvision .pth")
     r.add_argument("--config", "-c", metavar="PRESET_OR_YAML",
@@ -138,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--slice", type=int, default=0, metavar="PX",
                    help="predict large images window by window, PX x PX each (e.g. the model's input size), "
                    "merging objects cut by window borders; --batch-size windows per model call")
-    r.add_argument("--overlap", type=float, default=0.2, help="with --slice: how much windows overlap, as a "
+    r.add_argument("--overlap", type=float, default=None, help="with --slice: how much windows overlap, as a "
                    "fraction of a window (default 0.2)")
     r.add_argument("--max-frames", type=_positive_int, metavar="N",
                    help="videos and streams: stop after N frames (a camera stream otherwise runs until Ctrl-C, "
@@ -284,35 +284,59 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _expand_inputs(inputs: list[str]) -> list[Path]:
-    """The image files named by ``inputs`` (files, folders, glob patterns). Other files found in a
-    folder or by a pattern are left out and counted on stderr, so that a .gif or .heic the user
-    expected to see predicted is not dropped without a word (hidden files are not counted)."""
-    found: list[Path] = []
+def _expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
+    """The images and the videos (files, or stream addresses) named by ``inputs`` (files, folders,
+    glob patterns). Other files found in a folder or by a pattern are left out and counted on
+    stderr, so that a .heic the user expected to see predicted is not dropped without a word
+    (hidden files are not counted)."""
+    from maskrcnn.engine.video import VIDEO_SUFFIXES
+
+    def kind(q: Path) -> str:
+        suffix = q.suffix.lower()
+        return "image" if suffix in IMAGE_SUFFIXES else "video" if suffix in VIDEO_SUFFIXES else "other"
+
+    images: list[Path] = []
+    videos: list[str] = []
     others: list[Path] = []
     for item in inputs:
         p = Path(item)
+        if "://" in item:  # a stream address
+            videos.append(item)
+            continue
         if p.is_dir():
             entries = sorted(q for q in p.iterdir() if q.is_file() and not q.name.startswith("."))
-            if not any(q.suffix.lower() in IMAGE_SUFFIXES for q in entries):
-                raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in the folder {item}")
+            if not any(kind(q) != "other" for q in entries):
+                raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) or videos in the folder {item}")
         elif p.is_file():
-            found.append(p)
+            (videos.append(item) if kind(p) == "video" else images.append(p))
             continue
         else:
             entries = sorted(Path(m) for m in glob.glob(item, recursive=True))
             if not entries:
-                raise FileNotFoundError(f"no such file, folder or pattern: {item}")
+                what = "video file" if kind(p) == "video" else "file, folder or pattern"
+                raise FileNotFoundError(f"no such {what}: {item}")
             entries = [m for m in entries if m.is_file()]
-        found += [q for q in entries if q.suffix.lower() in IMAGE_SUFFIXES]
-        others += [q for q in entries if q.suffix.lower() not in IMAGE_SUFFIXES]
+        images += [q for q in entries if kind(q) == "image"]
+        videos += [str(q) for q in entries if kind(q) == "video"]
+        others += [q for q in entries if kind(q) == "other"]
     if others:
         names = ", ".join(q.name for q in others[:5]) + (", ..." if len(others) > 5 else "")
         print(f"left out {len(others)} file{'s' if len(others) > 1 else ''} that {'are' if len(others) > 1 else 'is'} "
-              f"not {'/'.join(IMAGE_SUFFIXES)}: {names}", file=sys.stderr)
-    if not found:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) among the inputs {inputs}")
-    return found
+              f"neither an image ({'/'.join(IMAGE_SUFFIXES)}) nor a video: {names}", file=sys.stderr)
+    if not images and not videos:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) or videos among the inputs {inputs}")
+    return images, videos
+
+
+def _refuse_overwriting_inputs(out_dir: Path, outputs: list[str], inputs: list[Path]) -> None:
+    """An output file that is one of the inputs (``--output`` the input folder, a PNG named as the
+    overlay it would get) would replace the user's file with a drawing: refuse before any work."""
+    sources = {q.resolve() for q in inputs}
+    for name in outputs:
+        target = (out_dir / name).resolve()
+        if target in sources:
+            raise ValueError(f"the output {target} would overwrite the input file of the same name: choose another "
+                             "--output folder")
 
 
 def _check_output_dir(path: str | Path, what: str = "output folder") -> Path:
@@ -453,40 +477,45 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_predict(args) -> int:
+    from maskrcnn.engine.folder import overlay_names
     from maskrcnn.engine.predictor import Predictor
+    from maskrcnn.engine.video import PIP_LINE
 
-    from maskrcnn.engine.video import PIP_LINE, is_video
-
-    videos = [item for item in args.inputs if is_video(item)]
-    for item in videos:
-        if "://" not in item and not Path(item).is_file():
-            raise FileNotFoundError(f"no such video file: {item}")
+    paths, videos = _expand_inputs(args.inputs)  # before loading the model: a typo fails at once
     if videos:
         from maskrcnn._extras import require
 
         require("av", "video prediction", PIP_LINE)
         if args.slice:
             raise ValueError("--slice applies to images, not to videos")
-    others = [item for item in args.inputs if not is_video(item)]
-    paths = _expand_inputs(others) if others else []  # before loading the model: a typo fails at once
-    _check_output_dir(args.output)
+    if args.overlap is not None and not args.slice:
+        raise ValueError("--overlap is the windows' overlap of --slice: give --slice too")
+    overlap = 0.2 if args.overlap is None else args.overlap
+    if args.slice < 0 or not 0 <= overlap < 1:
+        raise ValueError(f"--slice must be a window size in pixels (0: off) and --overlap in [0, 1), got "
+                         f"{args.slice} and {overlap}")
+    out = _check_output_dir(args.output)
+    # videos with one stem get the images' treatment: the folder's name, then a counter
+    video_names = [Path(n).stem for n in overlay_names([Path(v.split("://", 1)[-1].split("?", 1)[0]) for v in videos])]
+    _refuse_overwriting_inputs(out, overlay_names(paths) + ["predictions.json"] +
+                               [f"{n}{ext}" for n in video_names for ext in (".mp4", ".jsonl")],
+                               paths + [Path(v) for v in videos if "://" not in v])
     pred = Predictor(args.weights, args.device, args.overrides, args.config, args.classes, runtime=args.runtime,
                      fast=args.fast)
-    if args.slice < 0 or not 0 <= args.overlap < 1:
-        raise ValueError(f"--slice must be a window size in pixels (0: off) and --overlap in [0, 1), got "
-                         f"{args.slice} and {args.overlap}")
     if paths:
-        json_path = predict_images(pred, paths, Path(args.output), args.score_thresh, args.batch_size,
-                                   not args.no_progress, args.slice, args.overlap)
+        json_path = predict_images(pred, paths, out, args.score_thresh, args.batch_size,
+                                   not args.no_progress, args.slice, overlap)
         print(f"wrote overlays and {json_path}")
-    for item in videos:
+    for item, name in zip(videos, video_names):
         from maskrcnn.engine.video import predict_video
 
-        done = predict_video(pred, item, Path(args.output), args.score_thresh, args.batch_size,
-                             not args.no_progress, args.max_frames)
+        done = predict_video(pred, item, out, args.score_thresh, args.batch_size, not args.no_progress,
+                             args.max_frames, name=name)
         print(f"{item}: {done.frames} frames in {done.seconds:.1f} s: {done.frames_per_second:.2f} frames/s "
               f"(decoding, model, drawing and encoding together){'; interrupted' if done.interrupted else ''}")
         print(f"wrote {done.video_path} and {done.json_path}")
+        if done.interrupted:
+            return 130  # as a shell reports Ctrl-C; what was done is written
     return 0
 
 

@@ -124,3 +124,56 @@ def test_missing_extra_names_the_pip_line(setup, capsys, monkeypatch):
                  str(setup / "noav")])
     err = capsys.readouterr().err
     assert code != 0 and 'pip install "maskrcnn[video]"' in err and "Traceback" not in err
+
+
+def test_rotated_videos_are_predicted_upright(setup):
+    """A phone video is stored sideways with a display rotation, as photos carry EXIF: frames are
+    turned as a player shows them (FFmpeg's display matrix: counterclockwise degrees)."""
+    img = np.full((40, 60, 3), 20, np.uint8)
+    img[:10, :20] = 250  # a bright block at the stored frame's top-left
+    with av.open(str(setup / "phone.mp4"), "w") as o:
+        s = o.add_stream("libx264", rate=10)
+        s.width, s.height, s.pix_fmt = 60, 40, "yuv420p"
+        s.set_display_rotation(90)
+        for _ in range(3):
+            for packet in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                o.mux(packet)
+        for packet in s.encode(None):
+            o.mux(packet)
+    out = setup / "phone_out"
+    assert main(["predict", str(setup / "phone.mp4"), "--weights", str(setup / "tiny.pth"), "--output", str(out),
+                 "--score-thresh", "1.0", "--no-progress"]) == 0
+    frame = _frames(out / "phone.mp4")[0]
+    assert frame.shape == (60, 40, 3)  # upright: 40 wide, 60 tall
+    assert frame[50:60, :10].mean() > 200 and frame[:10, :10].mean() < 60  # top-left turned to bottom-left
+
+
+def test_names_collisions_and_inputs_never_overwritten(setup, capsys):
+    import shutil
+
+    for folder in ("x", "y"):
+        (setup / folder).mkdir(exist_ok=True)
+        shutil.copy(setup / "clip.mp4", setup / folder / "clip.mp4")
+    out = setup / "two"
+    assert main(["predict", str(setup / "x" / "clip.mp4"), str(setup / "y" / "clip.mp4"), "--weights",
+                 str(setup / "tiny.pth"), "--output", str(out), "--no-progress", "--max-frames", "2"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["x_clip.jsonl", "x_clip.mp4", "y_clip.jsonl", "y_clip.mp4"]
+    # a glob finds videos too
+    assert main(["predict", str(setup / "[xy]" / "*.mp4"), "--weights", str(setup / "tiny.pth"), "--output",
+                 str(setup / "globbed"), "--no-progress", "--max-frames", "1"]) == 0
+    assert len(list((setup / "globbed").glob("*.mp4"))) == 2
+    # --output the input's folder: refused before any work, the input untouched
+    before = (setup / "x" / "clip.mp4").read_bytes()
+    code = main(["predict", str(setup / "x" / "clip.mp4"), "--weights", str(setup / "tiny.pth"), "--output",
+                 str(setup / "x"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code != 0 and "would overwrite the input" in err and (setup / "x" / "clip.mp4").read_bytes() == before
+    # an image whose overlay would get its own name is refused too
+    from PIL import Image
+
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(setup / "x" / "photo.png")
+    before = (setup / "x" / "photo.png").read_bytes()
+    code = main(["predict", str(setup / "x" / "photo.png"), "--weights", str(setup / "tiny.pth"), "--output",
+                 str(setup / "x")])
+    assert code != 0 and "would overwrite the input" in capsys.readouterr().err
+    assert (setup / "x" / "photo.png").read_bytes() == before

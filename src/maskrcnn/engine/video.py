@@ -90,24 +90,35 @@ def _frame_line(k: int, t: float | None, sel: dict, class_map) -> str:
     return json.dumps({"frame": k, "time": None if t is None else round(t, 6), "detections": detections})
 
 
+def _upright(frame, av) -> np.ndarray:
+    """The frame's RGB pixels as shown: turned by the stream's display rotation (phones record
+    sideways and tag the video, as they tag photos with EXIF)."""
+    arr = frame.to_ndarray(format="rgb24")
+    turns = int(round(getattr(frame, "rotation", 0) / 90)) % 4  # counterclockwise, FFmpeg's display matrix
+    return np.ascontiguousarray(np.rot90(arr, turns)) if turns else arr
+
+
 def predict_video(predictor, source: str | Path, out_dir: Path, score_thresh: float = 0.5, batch_size: int = 1,
-                  progress: bool = True, max_frames: int | None = None) -> VideoResult:
-    """``out_dir/<name>.mp4`` (the frames with the detections drawn, H.264 at the source's frame
-    rate) and ``out_dir/<name>.jsonl`` (per frame: ``frame`` from 0, ``time`` in seconds, and the
-    ``detections`` as COCO results with ``class_name``) for a video file or stream address.
-    ``max_frames`` stops after that many frames (for a camera that never ends)."""
+                  progress: bool = True, max_frames: int | None = None, name: str | None = None) -> VideoResult:
+    """``out_dir/<name>.mp4`` (the frames with the detections drawn, upright, H.264 at the source's
+    average frame rate) and ``out_dir/<name>.jsonl`` (per frame: ``frame`` from 0, ``time`` in
+    seconds from the source's timestamps, and the ``detections`` as COCO results with
+    ``class_name``, in upright frame pixels) for a video file or stream address. ``name``: the
+    source's file name without suffix by default. ``max_frames`` stops after that many frames (for
+    a camera that never ends)."""
     av = require("av", "video prediction", PIP_LINE)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     source = str(source)
-    name = Path(source.split("://", 1)[-1].split("?", 1)[0]).stem or "stream"
+    name = name or Path(source.split("://", 1)[-1].split("?", 1)[0]).stem or "stream"
     out_dir.mkdir(parents=True, exist_ok=True)
     video_path, json_path = out_dir / f"{name}.mp4", out_dir / f"{name}.jsonl"
     container = _open(av, source)
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"  # FFmpeg decodes with its own threads
     rate = _frame_rate(stream)
-    total = stream.frames or None
+    announced = stream.frames or 0  # from the container's header; 0 when unknown (streams)
+    total = announced or None
     if max_frames is not None:
         total = min(total, max_frames) if total else max_frames
     class_map = predictor.class_map
@@ -159,11 +170,20 @@ def predict_video(predictor, source: str | Path, out_dir: Path, score_thresh: fl
                     writing.popleft().result()
 
             batch: list = []
+            size, resized = None, False
             try:
                 for k, frame in enumerate(container.decode(stream)):
                     if max_frames is not None and k >= max_frames:
                         break
-                    batch.append((k, frame.time, frame.to_ndarray(format="rgb24")))
+                    arr = _upright(frame, av)
+                    if size is None:
+                        size = arr.shape[:2]
+                    elif arr.shape[:2] != size and not resized:  # the encoder scales to the first size
+                        resized = True
+                        print(f"{source}: the frame size changes at frame {k} ({size[1]}x{size[0]} -> "
+                              f"{arr.shape[1]}x{arr.shape[0]}); the video is written at the first size (the "
+                              "JSON lines keep each frame's own pixels)", file=sys.stderr)
+                    batch.append((k, frame.time, arr))
                     if len(batch) == batch_size:
                         run(batch)
                         batch = []
@@ -186,6 +206,10 @@ def predict_video(predictor, source: str | Path, out_dir: Path, score_thresh: fl
                 output.mux(packet)
         output.close()
         lines.close()
+    expected = announced if max_frames is None else min(announced, max_frames)
+    if not interrupted and announced and done < expected:
+        print(f"{source}: {done} of the {expected} frames its header announces could be decoded (truncated or "
+              "damaged file?)", file=sys.stderr)
     if done == 0:
         tmp_video.unlink(missing_ok=True)
         tmp_json.unlink(missing_ok=True)
