@@ -126,8 +126,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="the model of a detectron2/torchvision --weights file (e.g. detectron2_mask_rcnn_R_50_FPN_3x)")
     r.add_argument("--output", default="outputs/predict", help="output folder (default: outputs/predict)")
     r.add_argument("--score-thresh", type=_unit_interval, default=0.5, help="minimum score to keep, 0-1 (default: 0.5)")
-    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    r.add_argument("--device", default="auto")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="an inference setting, e.g. model.roi_heads.nms_thresh=0.4 (repeatable)")
+    r.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:1, ...")
     r.add_argument("--fast", action="store_true", help=FAST_HELP)
     r.add_argument("--classes", metavar="FILE", help=CLASSES_HELP + "; replaces the checkpoint's class map")
     r.add_argument("--batch-size", type=_positive_int, default=1,
@@ -173,9 +174,10 @@ def _parser() -> argparse.ArgumentParser:
                    "--config a detectron2/torchvision file")
     v.add_argument("--config", "-c", metavar="PRESET_OR_YAML",
                    help="the model of a detectron2/torchvision --weights file (e.g. detectron2_mask_rcnn_R_50_FPN_3x)")
-    v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="an inference setting, e.g. model.roi_heads.nms_thresh=0.4 (repeatable)")
     v.add_argument("--classes", metavar="FILE", help=CLASSES_HELP + "; replaces the checkpoint's class map")
-    v.add_argument("--device", default="auto")
+    v.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:1, ...")
     v.add_argument("--fast", action="store_true", help=FAST_HELP)
     v.add_argument("--runtime", choices=["torch", "onnxruntime", "openvino"], help=RUNTIME_HELP)
     v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
@@ -192,7 +194,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds a request may wait for its result before a 504 (default 30)")
     v.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body in MB (default 20)")
     v.add_argument("--max-pixels", type=_positive_int, default=40_000_000,
-                   help="largest image in pixels, width x height (default 40,000,000)")
+                   help="most pixels (width x height) of a request's images together (default 40,000,000)")
+    v.add_argument("--max-files", type=_positive_int, default=16, help="most images in one request (default 16)")
 
     a = sub.add_parser("ablate", help="rerun the paper's ablations (RoIAlign, mask loss, mask head, FPN/C4, "
                        "multi-task, cascade, alternating training) on synthetic shapes",
@@ -520,6 +523,8 @@ def _cmd_predict(args) -> int:
 
 
 def _cmd_serve(args) -> int:
+    import socket
+
     from maskrcnn._extras import require
     from maskrcnn.engine.predictor import Predictor
     from maskrcnn.serve.app import PIP_LINE, ServeSettings, create_app
@@ -528,14 +533,25 @@ def _cmd_serve(args) -> int:
     require("fastapi", "maskrcnn serve", PIP_LINE)
     if not 0 <= args.port <= 65535 or args.timeout <= 0 or args.max_wait_ms < 0 or args.max_upload_mb <= 0:
         raise ValueError("--port must be 0-65535, --timeout and --max-upload-mb positive, --max-wait-ms >= 0")
+    # the port is taken before the model loads: a port in use fails at once, and --port 0 learns its number
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    port = sock.getsockname()[1]
     pred = Predictor(args.weights, args.device, args.overrides, args.config, args.classes, runtime=args.runtime,
                      fast=args.fast)
     settings = ServeSettings(args.score_thresh, args.max_batch, args.max_wait_ms, args.queue, args.timeout,
-                             args.max_upload_mb, args.max_pixels)
+                             args.max_upload_mb, args.max_pixels, args.max_files)
     app = create_app(pred, args.weights, args.runtime, settings)
-    print(f"serving {args.weights} at http://{args.host}:{args.port}/ (web page; API: POST /predict, GET /health, "
-          "GET /model, docs at /docs); Ctrl-C stops", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"serving {args.weights} at http://{host}:{port}/ (web page; API: POST /predict, GET /health, "
+          "GET /model, GET /openapi.json); Ctrl-C stops", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    server.run(sockets=[sock])
     return 0
 
 

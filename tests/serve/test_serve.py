@@ -70,9 +70,26 @@ def _multipart(files: list[tuple[str, str, bytes]]) -> tuple[bytes, str]:
     return out + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-def _post_images(base: str, images: list[tuple[str, bytes]], query: str = "", field: str = "image"):
+def _post_images(base: str, images: list[tuple[str, bytes]], query: str = "", field: str = "image",
+                 path: str = "/predict"):
     body, ctype = _multipart([(field, name, data) for name, data in images])
-    return _request(f"{base}/predict{query}", body, ctype)
+    return _request(f"{base}{path}{query}", body, ctype)
+
+
+def _chunked(base: str, body: bytes, ctype: str):
+    """POST /predict with Transfer-Encoding: chunked (no Content-Length)."""
+    import http.client
+    from urllib.parse import urlparse
+
+    url = urlparse(base)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    try:
+        conn.request("POST", "/predict", body=(body[k:k + 65536] for k in range(0, len(body), 65536)),
+                     headers={"Content-Type": ctype}, encode_chunked=True)
+        r = conn.getresponse()
+        return r.status, json.loads(r.read())
+    finally:
+        conn.close()
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +178,9 @@ def test_several_images_raw_bodies_health_and_model(server):
     assert status == 200 and raw["images"][0]["detections"] == answer["images"][0]["detections"]
     status, health = _request(f"{base}/health")
     assert status == 200 and health["status"] == "ok"
+    head = urllib.request.Request(f"{base}/health", method="HEAD")
+    with urllib.request.urlopen(head, timeout=10) as r:
+        assert r.status == 200
     status, model = _request(f"{base}/model")
     assert model["classes"] == [{"id": 3, "name": "square"}, {"id": 7, "name": "disc"}]
     assert model["model"]["architecture"] == "ResNet-18-FPN" and model["model"]["masks"] is True
@@ -180,6 +200,11 @@ def test_several_images_raw_bodies_health_and_model(server):
     ("form without files", 422, "field named 'image'"),
     ("wrong content type", 415, "multipart/form-data"),
     ("empty body", 422, "empty"),
+    ("chunked, too many bytes", 413, "MB allowed"),
+    ("too many files", 413, "more than 16 files"),
+    ("text field", 422, "must be a file upload"),
+    ("too many pixels together", 413, "in all"),
+    ("trailing slash", 404, "Not Found"),
 ])
 def test_bad_uploads_are_4xx_json_errors(server, case, expected_status, expected_text):
     base = server["base"]
@@ -203,8 +228,23 @@ def test_bad_uploads_are_4xx_json_errors(server, case, expected_status, expected
         status, answer = _request(f"{base}/predict", body, ctype)
     elif case == "wrong content type":
         status, answer = _request(f"{base}/predict", b'{"image": "a.png"}', "application/json")
-    else:
+    elif case == "empty body":
         status, answer = _request(f"{base}/predict", b"", "image/png")
+    elif case == "chunked, too many bytes":  # no Content-Length: the limit applies while it streams
+        body, ctype = _multipart([("image", "a.png", good), ("image", "b.png", os.urandom(1_200_000))])
+        status, answer = _chunked(base, body, ctype)
+    elif case == "too many files":
+        status, answer = _post_images(base, [(f"{k}.png", good) for k in range(17)])
+    elif case == "text field":
+        boundary = "b0undary"
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nhello\r\n"
+                f"--{boundary}--\r\n").encode()
+        status, answer = _request(f"{base}/predict", body, f"multipart/form-data; boundary={boundary}")
+    elif case == "too many pixels together":  # 3 x 400,000 pixels: each allowed, together over 1,000,000
+        big = _png(np.zeros((500, 800, 3), np.uint8))
+        status, answer = _post_images(base, [("1.png", big), ("2.png", big), ("3.png", big)])
+    else:
+        status, answer = _post_images(base, [("a.png", good)], path="/predict/")
     assert status == expected_status, answer
     assert expected_text in answer["error"], answer
     # the server is alive and still answers correctly
@@ -282,15 +322,21 @@ def test_web_page_in_headless_chromium(server, tmp_path):
         first = rows[0].find_elements(By.TAG_NAME, "td")
         assert first[1].text == expected[0]["class_name"] and first[2].text == f"{expected[0]['score']:.3f}"
         assert f"{len(expected)} detection" in status_text and "400x300" in status_text
-        size = driver.execute_script("const c = document.getElementById('overlay'); return [c.width, c.height];")
-        assert size == [400, 300]
-        # the overlay is drawn: the canvas differs from the picture inside the first box
-        x, y, w, h = (int(v) for v in expected[0]["bbox"])
-        pixels = driver.execute_script(
-            "const c = document.getElementById('overlay').getContext('2d');"
-            f"return Array.from(c.getImageData({x}, {y}, {max(w, 1)}, {max(h, 1)}).data);")
-        drawn = np.array(pixels, dtype=np.int64).reshape(max(h, 1), max(w, 1), 4)[..., :3]
-        assert np.abs(drawn - arr[y:y + max(h, 1), x:x + max(w, 1)].astype(np.int64)).mean() > 5
+        width, height = driver.execute_script("const c = document.getElementById('overlay'); return [c.width, c.height];")
+        assert width >= 400 and abs(width / height - 4 / 3) < 0.01  # the picture's shape (enlarged to the column)
+        # the overlay is drawn: inside the first box, the canvas differs from the picture alone at its scale
+        difference = driver.execute_script("""
+            const c = document.getElementById('overlay'), k = c.width / bitmap.width;
+            const plain = document.createElement('canvas');
+            plain.width = c.width; plain.height = c.height;
+            const p = plain.getContext('2d');
+            p.setTransform(k, 0, 0, k, 0, 0); p.drawImage(bitmap, 0, 0);
+            const [x, y, w, h] = arguments[0].map((v) => Math.max(1, Math.round(v * k)));
+            const a = c.getContext('2d').getImageData(x, y, w, h).data, b = p.getImageData(x, y, w, h).data;
+            let sum = 0;
+            for (let i = 0; i < a.length; i++) sum += Math.abs(a[i] - b[i]);
+            return sum / a.length;""", expected[0]["bbox"])
+        assert difference > 5
         shot = os.environ.get("MASKRCNN_SCREENSHOT")  # where to keep a screenshot to look at
         driver.save_screenshot(shot or str(tmp_path / "page.png"))
         # a bad upload shows the server's error on the page
@@ -300,5 +346,8 @@ def test_web_page_in_headless_chromium(server, tmp_path):
         WebDriverWait(driver, 30).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state")
                                         == "error")
         assert "cannot decode image notes.png" in driver.find_element(By.ID, "status").text
+        # and the previous picture's results are gone
+        assert not driver.find_elements(By.CSS_SELECTOR, "#detections tbody tr.detection")
+        assert driver.execute_script("return document.getElementById('overlay').width") == 0
     finally:
         driver.quit()

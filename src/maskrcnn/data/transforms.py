@@ -44,7 +44,9 @@ def load_image(path: str | Path | BinaryIO, expected_size: tuple[int, int] | Non
             arr = rgb_array(ImageOps.exif_transpose(img))
     except FileNotFoundError:
         raise BadImageError(f"image not found: {label}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # PIL's own limit (~179 million pixels) before any decoding
+        raise ImageTooLarge(f"image {label} is too large to decode: {e}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         if isinstance(e, BadImageError):
             raise
         if isinstance(e, UnidentifiedImageError):  # PIL's message names the Python object of an upload

@@ -5,7 +5,8 @@
   results form (``bbox`` x, y, w, h in pixels, ``score``, ``category_id``, ``class_name``,
   ``segmentation`` as COCO RLE or polygons, ``keypoints``). Query: ``score_thresh`` (0-1),
   ``mask_format`` (``rle``, ``polygon`` or ``none``).
-- ``GET /health``, ``GET /model`` (classes, model and serving settings), ``GET /`` (the web page).
+- ``GET /health``, ``GET /model`` (classes, model and serving settings), ``GET /`` (the web page),
+  ``GET /openapi.json``.
 
 Every error is JSON ``{"error": "..."}`` with a 4xx status for what the client sent (413 too
 large, 415 not an image, 422 a wrong field or option, 503 queue full, 504 timeout); a failure of
@@ -15,6 +16,7 @@ the model is a 500 for the requests of that call only, and the service goes on.
 # no "from __future__ import annotations": FastAPI reads the endpoints' annotations (Request, Query)
 # at run time, and those types are imported inside create_app (the extra is optional)
 import asyncio
+import json
 import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
@@ -43,7 +45,7 @@ class ServeSettings:
     max_queue: int = 64
     timeout_s: float = 30.0
     max_upload_mb: float = 20.0
-    max_pixels: int = 40_000_000
+    max_pixels: int = 40_000_000  # per request, all its images together
     max_files: int = 16
 
     @property
@@ -55,6 +57,39 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+class BodyLimit:
+    """ASGI middleware: a request body larger than ``limit`` bytes is refused with 413, by its
+    Content-Length before anything is read, and while it streams in otherwise (a chunked upload
+    declares no length)."""
+
+    def __init__(self, app, limit: int, limit_mb: float) -> None:
+        self.app, self.limit, self.limit_mb = app, limit, limit_mb
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            body = json.dumps({"error": f"the upload is {int(length) / 2**20:.1f} MB, more than the "
+                                        f"{self.limit_mb:g} MB allowed"}).encode()
+            await send({"type": "http.response.start", "status": 413,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:  # raised where the endpoint reads: an ApiError, answered as one
+                    raise ApiError(413, f"the upload is more than the {self.limit_mb:g} MB allowed")
+            return message
+
+        await self.app(scope, counted, send)
 
 
 def _detections(out: dict, score_thresh: float, mask_format: str, class_map) -> list[dict]:
@@ -108,6 +143,7 @@ def create_app(predictor, weights: str = "model", runtime: str | None = None,
     from starlette.concurrency import run_in_threadpool
     from starlette.datastructures import UploadFile
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 
     s = settings or ServeSettings()
     summary = model_summary(predictor, weights, runtime)
@@ -128,7 +164,9 @@ def create_app(predictor, weights: str = "model", runtime: str | None = None,
         yield
         await batcher.stop()
 
-    app = FastAPI(title="maskrcnn", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    # no /docs: Swagger UI loads from a CDN, blank on a machine offline; the schema is at /openapi.json
+    app = FastAPI(title="maskrcnn", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.router.redirect_slashes = False  # POST /predict/ is a 404 JSON, not a redirect that drops the body
     app.state.batcher = batcher
 
     @app.exception_handler(ApiError)
@@ -149,13 +187,7 @@ def create_app(predictor, weights: str = "model", runtime: str | None = None,
     async def internal(request, e: Exception):
         return JSONResponse({"error": f"internal error: {type(e).__name__}: {e}"}, status_code=500)
 
-    @app.middleware("http")
-    async def upload_limit(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > s.max_upload_bytes + 64 * 1024:
-            return JSONResponse({"error": f"the upload is {int(length) / 2**20:.1f} MB, more than the "
-                                 f"{s.max_upload_mb:g} MB allowed"}, status_code=413)
-        return await call_next(request)
+    app.add_middleware(BodyLimit, limit=s.max_upload_bytes, limit_mb=s.max_upload_mb)
 
     async def uploads(request: Request) -> list[tuple[str, bytes]]:
         ctype = request.headers.get("content-type", "")
@@ -163,10 +195,18 @@ def create_app(predictor, weights: str = "model", runtime: str | None = None,
             try:
                 form = await request.form(max_files=s.max_files, max_fields=s.max_files)
             except HTTPException as e:
+                if "Too many files" in str(e.detail):
+                    raise ApiError(413, f"more than {s.max_files} files in one request") from None
                 raise ApiError(e.status_code if e.status_code < 500 else 400,
                                f"cannot read the form: {e.detail}") from None
-            files = [v for v in form.getlist("image") if isinstance(v, UploadFile)]
+            except ClientDisconnect:
+                raise ApiError(400, "the client disconnected during the upload") from None
+            values = form.getlist("image")
+            files = [v for v in values if isinstance(v, UploadFile)]
             if not files:
+                if values:
+                    raise ApiError(422, "the form field 'image' must be a file upload (a part with a filename), "
+                                        "not text")
                 sent = ", ".join(f"'{k}'" for k in form.keys()) or "nothing"
                 raise ApiError(422, f"send the image in a form field named 'image' (got {sent})")
             out = []
@@ -178,30 +218,41 @@ def create_app(predictor, weights: str = "model", runtime: str | None = None,
             return out
         if ctype.startswith("image/") or ctype.startswith("application/octet-stream"):
             data = bytearray()
-            async for chunk in request.stream():
-                data += chunk
-                if len(data) > s.max_upload_bytes:
-                    raise ApiError(413, f"the upload is more than {s.max_upload_mb:g} MB")
+            try:
+                async for chunk in request.stream():
+                    data += chunk
+            except ClientDisconnect:
+                raise ApiError(400, "the client disconnected during the upload") from None
             if not data:
                 raise ApiError(422, "the request body is empty: send an image")
             return [("body", bytes(data))]
         raise ApiError(415, f"send images as multipart/form-data (field 'image') or as the body with an image/* "
                        f"content type, not {ctype or 'no content type'}")
 
-    def decode(name: str, data: bytes):
-        try:
-            return load_image(BytesIO(data), name=name, max_pixels=s.max_pixels)
-        except ImageTooLarge as e:
-            raise ApiError(413, str(e)) from None
-        except BadImageError as e:
-            raise ApiError(415, str(e)) from None
+    def decode(files: list[tuple[str, bytes]]) -> list:
+        """The request's images; ``max_pixels`` bounds all of them together (a request of many
+        large images costs as much as one huge one)."""
+        images, left = [], s.max_pixels
+        for name, data in files:
+            try:
+                image = load_image(BytesIO(data), name=name, max_pixels=left)
+            except ImageTooLarge as e:
+                if left < s.max_pixels:
+                    raise ApiError(413, f"the request's images have more than the {s.max_pixels:,} pixels allowed "
+                                        f"in all ({name} does not fit)") from None
+                raise ApiError(413, str(e)) from None
+            except BadImageError as e:
+                raise ApiError(415, str(e)) from None
+            left -= int(image.shape[1]) * int(image.shape[2])
+            images.append(image)
+        return images
 
     @app.post("/predict")
     async def predict(request: Request, score_thresh: float | None = Query(None, ge=0, le=1),
                       mask_format: str = Query("rle", pattern="^(rle|polygon|none)$")):
         start = time.perf_counter()
         files = await uploads(request)
-        images = [await run_in_threadpool(decode, name, data) for name, data in files]
+        images = await run_in_threadpool(decode, files)
         try:
             outputs = await asyncio.gather(*(batcher.submit(im, tuple(im.shape)) for im in images))
         except QueueFull as e:
@@ -217,7 +268,7 @@ def create_app(predictor, weights: str = "model", runtime: str | None = None,
         return {"images": results, "score_thresh": thresh, "mask_format": mask_format,
                 "time_ms": round((time.perf_counter() - start) * 1000, 1)}
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         return {"status": "ok", "queued": batcher.queued, "batches": batcher.batches, "images": batcher.items}
 

@@ -84,7 +84,7 @@ class Batcher:
         if self._worker is None or self._arrived is None:
             raise RuntimeError("Batcher.start() was not awaited")
         if len(self._waiting) >= self.max_queue:
-            raise QueueFull(f"{len(self._waiting)} requests are waiting (the queue holds {self.max_queue})")
+            raise QueueFull(f"{len(self._waiting)} images are waiting for the model (the queue holds {self.max_queue})")
         job = _Job(item, key, asyncio.get_running_loop().create_future())
         self._waiting.append(job)
         self._arrived.set()
