@@ -283,3 +283,19 @@ def test_images_of_extreme_aspect_ratio(style):
     for o, im in zip(out, images):
         assert o["masks"].shape[1:] == (1, *im.shape[1:])
         assert (o["boxes"][:, 2] <= im.shape[2]).all() and (o["boxes"][:, 3] <= im.shape[1]).all()
+
+
+def test_softmax_masks_are_where_the_class_wins_the_pixel():
+    from maskrcnn.modeling.roi_heads.mask_head import mask_loss, mask_probabilities
+
+    # one RoI of class 1, two pixels: class 1 wins the first with a softmax probability of only
+    # 0.27 (four close channels), background wins the second
+    logits = torch.tensor([[0.9, 2.0], [1.0, 0.5], [0.95, 0.1], [0.8, 0.0]]).reshape(1, 4, 1, 2)
+    probs = mask_probabilities(logits, torch.tensor([1]), softmax=True)[0, 0]
+    assert torch.softmax(logits, 1)[0, 1, 0, 0] < 0.3
+    assert torch.allclose(probs, torch.sigmoid(torch.tensor([1.0 - 0.95, 0.5 - 2.0])))
+    assert probs[0] > 0.5 > probs[1]
+    # the loss: a per-pixel multinomial cross-entropy, target class 1 where the mask is, 0 elsewhere
+    target = torch.tensor([[[1.0, 0.0]]])
+    expected = -(torch.log_softmax(logits, 1)[0, 1, 0, 0] + torch.log_softmax(logits, 1)[0, 0, 0, 1]) / 2
+    assert torch.allclose(mask_loss(logits, torch.tensor([1]), target, softmax=True), expected)

@@ -114,9 +114,16 @@ def mask_loss(logits: Tensor, labels: Tensor, targets: Tensor, softmax: bool = F
 
 def mask_probabilities(logits: Tensor, labels: Tensor, softmax: bool = False) -> Tensor:
     """``(R, M, M)`` probability of each detection's predicted class at each mask pixel: the sigmoid
-    of its channel, or with ``softmax`` its share of the softmax over the channels."""
+    of its channel. With ``softmax``, a pixel is the object's where its class wins the softmax over
+    the channels (the argmax, as an FCN labels pixels: its probability may be well under 0.5 when
+    the head hesitates between classes); returned as ``sigmoid(z_k - max_{j != k} z_j)``, which is
+    above 0.5 exactly where class k wins, so masks are thresholded and pasted as the sigmoid's."""
     rows = torch.arange(logits.shape[0], device=logits.device)
     if softmax:
-        return to_geometry(logits).softmax(dim=1)[rows, labels]
+        z = to_geometry(logits)
+        own = z[rows, labels]
+        others = z.clone()
+        others[rows, labels] = float("-inf")
+        return torch.sigmoid(own - others.amax(dim=1))
     channel = torch.zeros_like(labels) if logits.shape[1] == 1 else labels
     return to_geometry(logits[rows, channel]).sigmoid()
