@@ -402,8 +402,8 @@ def test_prediction_inputs_that_do_not_exist_or_hold_no_images(data, tmp_path, c
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
     code, err = run(["predict", str(tmp_path / "empty"), "-w", str(data / "tiny.pth")], capsys)
-    assert_one_line_error(code, err, f"no images (.jpg, .jpeg, .png, .bmp, .tif, .tiff, .webp) in the folder "
-                                     f"{tmp_path / 'empty'}")
+    assert_one_line_error(code, err, f"no images (.jpg, .jpeg, .png, .bmp, .tif, .tiff, .webp) or videos in the "
+                                     f"folder {tmp_path / 'empty'}")
 
 
 def test_eval_with_a_missing_dataset(data, tmp_path, capsys):
@@ -517,14 +517,14 @@ def test_files_in_a_folder_that_are_not_images_are_counted(data, tmp_path, capsy
     folder = tmp_path / "photos"
     folder.mkdir()
     _image(folder / "a.png")
-    Image.new("RGB", (W, H)).save(folder / "b.gif")  # an image, but not one of the suffixes read
+    (folder / "b.heic").write_bytes(b"\0" * 64)  # a phone photo format PIL does not read
     (folder / "notes.txt").write_text("not an image")
     (folder / ".DS_Store").write_bytes(b"\0")  # hidden files are nobody's images: not counted
     code, err = run(["predict", str(folder), "-w", str(data / "tiny.pth"), "--output", str(tmp_path / "out")], capsys)
     assert code == 0
     lines = stderr_lines(err)
-    assert len(lines) == 1 and lines[0].startswith("left out 2 files that are not .jpg/") and \
-        lines[0].endswith(": b.gif, notes.txt"), err
+    assert len(lines) == 1 and lines[0].startswith("left out 2 files that are neither an image (.jpg/") and \
+        lines[0].endswith("nor a video: b.heic, notes.txt"), err
     assert [p.name for p in (tmp_path / "out").glob("*.png")] == ["a.png"]
 
 
