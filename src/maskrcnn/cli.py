@@ -65,6 +65,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+WEIGHTS_HELP = "checkpoint (from train or convert), or with --config a detectron2 .pkl/.pth or torchvision .pth"
+
+
+def _add_weights_args(p: argparse.ArgumentParser, weights_help: str = WEIGHTS_HELP) -> None:
+    """--weights and --config (the model of a foreign checkpoint), as eval, predict, export and serve take them."""
+    p.add_argument("--weights", "-w", required=True, help=weights_help)
+    p.add_argument("--config", "-c", metavar="PRESET_OR_YAML",
+                   help="the model of a detectron2/torchvision --weights file (e.g. detectron2_mask_rcnn_R_50_FPN_3x)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="maskrcnn",
@@ -93,10 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="COCO AP (bbox, segm, keypoints) of a checkpoint on a dataset",
                        description="Evaluate a checkpoint on data.val_json (or --dataset) with pycocotools; prints "
                        "the 12-number summaries and per-class AP, writes COCO results JSON.")
-    e.add_argument("--weights", "-w", required=True, help="checkpoint (from train or convert), or with --config a "
-                   "detectron2 .pkl/.pth or torchvision .pth")
-    e.add_argument("--config", "-c", metavar="PRESET_OR_YAML",
-                   help="the model of a detectron2/torchvision --weights file (e.g. detectron2_mask_rcnn_R_50_FPN_3x)")
+    _add_weights_args(e)
     e.add_argument("--dataset", help="instances JSON to evaluate on (default: the checkpoint's data.val_json)")
     e.add_argument("--images", help="image folder of --dataset (default: the JSON's folder)")
     e.add_argument("--output", default="outputs/eval", help="where results JSON go (default: outputs/eval)")
@@ -120,10 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("inputs", nargs="+", help="image files, folders, or glob patterns; video files among them "
                    "(.mp4, .mov, .avi, .mkv, .webm, .gif, ...) and stream addresses (rtsp://, http://) give an "
                    "annotated .mp4 and one JSON line per frame (extra 'video')")
-    r.add_argument("--weights", "-w", required=True, help="checkpoint (from train or convert), or with --config a "
-                   "detectron2 .pkl/.pth or torchvision .pth")
-    r.add_argument("--config", "-c", metavar="PRESET_OR_YAML",
-                   help="the model of a detectron2/torchvision --weights file (e.g. detectron2_mask_rcnn_R_50_FPN_3x)")
+    _add_weights_args(r)
     r.add_argument("--output", default="outputs/predict", help="output folder (default: outputs/predict)")
     r.add_argument("--score-thresh", type=_unit_interval, default=0.5, help="minimum score to keep, 0-1 (default: 0.5)")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -150,10 +154,7 @@ def _parser() -> argparse.ArgumentParser:
                        "boxes in image pixels, masks and keypoints out) as one graph that takes any batch size and "
                        "image size. Run it with 'maskrcnn predict --weights FILE', or without this package "
                        "(README: ONNX without PyTorch).")
-    x.add_argument("--weights", "-w", required=True, help="checkpoint (from train or convert), or with --config a "
-                   "detectron2 .pkl/.pth or torchvision .pth")
-    x.add_argument("--config", "-c", metavar="PRESET_OR_YAML",
-                   help="the model of a detectron2/torchvision --weights file (e.g. detectron2_mask_rcnn_R_50_FPN_3x)")
+    _add_weights_args(x)
     x.add_argument("--format", "-f", choices=["onnx", "exported-program", "torchscript"],
                    help="onnx (onnxruntime) or exported-program (.pt2, torch.export); default: by the --output "
                    "file's suffix (.onnx, .pt2). torchscript "
@@ -170,10 +171,8 @@ def _parser() -> argparse.ArgumentParser:
                        description="Serve a model over HTTP: POST /predict (images as multipart field 'image', or "
                        "the raw body) returns detections as JSON; GET /health, GET /model; a web page at / to try "
                        "images in a browser. Concurrent requests of one image size are batched through the model.")
-    v.add_argument("--weights", "-w", required=True, help="checkpoint, exported model (.onnx, .pt2), or with "
-                   "--config a detectron2/torchvision file")
-    v.add_argument("--config", "-c", metavar="PRESET_OR_YAML",
-                   help="the model of a detectron2/torchvision --weights file (e.g. detectron2_mask_rcnn_R_50_FPN_3x)")
+    _add_weights_args(v, "checkpoint (from train or convert), exported model (.onnx, .pt2), or with --config a "
+                      "detectron2 .pkl/.pth or torchvision .pth")
     v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="an inference setting, e.g. model.roi_heads.nms_thresh=0.4 (repeatable)")
     v.add_argument("--classes", metavar="FILE", help=CLASSES_HELP + "; replaces the checkpoint's class map")

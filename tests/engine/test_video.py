@@ -18,20 +18,35 @@ from tiny import tiny_train_config
 av = pytest.importorskip("av")
 
 
-def _write_video(path: Path, frames: int, h: int, w: int, fps: int = 10) -> None:
-    """A square and a disc moving across a dark background (lossless enough for the overlays to show)."""
+def _encode(path: Path, frames, codec: str = "libx264", rate: int = 10, pix_fmt: str = "yuv420p",
+            rotation: int | None = None) -> None:
+    """Write the (H, W, 3) uint8 ``frames`` as a video."""
+    frames = list(frames)
     with av.open(str(path), "w") as out:
-        s = out.add_stream("libx264", rate=fps)
-        s.width, s.height, s.pix_fmt = w + w % 2, h + h % 2, "yuv420p"
-        yy, xx = np.mgrid[:s.height, :s.width]
-        for k in range(frames):
-            img = np.full((s.height, s.width, 3), 30, np.uint8)
-            img[20:50, 10 + 3 * k:40 + 3 * k] = (230, 60, 60)
-            img[(yy - 70) ** 2 + (xx - 90 + 2 * k) ** 2 <= 18 ** 2] = (60, 220, 90)
+        s = out.add_stream(codec, rate=rate)
+        s.height, s.width = frames[0].shape[:2]
+        s.pix_fmt = pix_fmt
+        if rotation is not None:
+            s.set_display_rotation(rotation)
+        for img in frames:
             for packet in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
                 out.mux(packet)
         for packet in s.encode(None):
             out.mux(packet)
+
+
+def _write_video(path: Path, frames: int, h: int, w: int, fps: int = 10) -> None:
+    """A square and a disc moving across a dark background (lossless enough for the overlays to show)."""
+    h, w = h + h % 2, w + w % 2
+    yy, xx = np.mgrid[:h, :w]
+
+    def frame(k):
+        img = np.full((h, w, 3), 30, np.uint8)
+        img[20:50, 10 + 3 * k:40 + 3 * k] = (230, 60, 60)
+        img[(yy - 70) ** 2 + (xx - 90 + 2 * k) ** 2 <= 18 ** 2] = (60, 220, 90)
+        return img
+
+    _encode(path, (frame(k) for k in range(frames)), rate=fps)
 
 
 def _frames(path: Path) -> list[np.ndarray]:
@@ -88,15 +103,9 @@ def test_video_gives_an_annotated_video_and_a_json_line_per_frame(setup, capsys)
 
 
 def test_odd_sizes_max_frames_and_batches(setup):
-    with av.open(str(setup / "odd.mkv"), "w") as o:  # an odd-sized source (ffv1 takes odd sides)
-        s = o.add_stream("ffv1", rate=5)
-        s.width, s.height, s.pix_fmt = 75, 61, "yuv444p"
-        for k in range(6):
-            img = np.random.default_rng(k).integers(0, 255, (61, 75, 3), dtype=np.uint8)
-            for packet in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                o.mux(packet)
-        for packet in s.encode(None):
-            o.mux(packet)
+    rng = np.random.default_rng(0)  # an odd-sized source (ffv1 takes odd sides)
+    _encode(setup / "odd.mkv", (rng.integers(0, 255, (61, 75, 3), dtype=np.uint8) for _ in range(6)), "ffv1", 5,
+            "yuv444p")
     out = setup / "odd_out"
     assert main(["predict", str(setup / "odd.mkv"), "--weights", str(setup / "tiny.pth"), "--output", str(out),
                  "--max-frames", "4", "--batch-size", "3", "--no-progress"]) == 0
@@ -131,15 +140,7 @@ def test_rotated_videos_are_predicted_upright(setup):
     turned as a player shows them (FFmpeg's display matrix: counterclockwise degrees)."""
     img = np.full((40, 60, 3), 20, np.uint8)
     img[:10, :20] = 250  # a bright block at the stored frame's top-left
-    with av.open(str(setup / "phone.mp4"), "w") as o:
-        s = o.add_stream("libx264", rate=10)
-        s.width, s.height, s.pix_fmt = 60, 40, "yuv420p"
-        s.set_display_rotation(90)
-        for _ in range(3):
-            for packet in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                o.mux(packet)
-        for packet in s.encode(None):
-            o.mux(packet)
+    _encode(setup / "phone.mp4", [img] * 3, rotation=90)
     out = setup / "phone_out"
     assert main(["predict", str(setup / "phone.mp4"), "--weights", str(setup / "tiny.pth"), "--output", str(out),
                  "--score-thresh", "1.0", "--no-progress"]) == 0
