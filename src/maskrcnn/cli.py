@@ -388,7 +388,7 @@ def predict_images(predictor, paths: list[Path], out_dir: Path, score_thresh: fl
 
 def _cmd_train(args) -> int:
     from maskrcnn.config import PRESETS, get_config
-    from maskrcnn.engine.trainer import train
+    from maskrcnn.engine.alternating import fit
 
     if args.list_presets:
         print("\n".join(sorted(PRESETS)))
@@ -399,7 +399,7 @@ def _cmd_train(args) -> int:
     _check_output_dir(cfg.train.output_dir)
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run in the output folder, --overwrite replaces it: give one")
-    result = train(cfg, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
+    result = fit(cfg, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
     if result.get("checkpoint"):
         print(f"checkpoint: {result['checkpoint']}\nmetrics: {Path(result['output_dir']) / 'metrics.jsonl'}\n"
               f"curves: {result.get('curves')}")

@@ -8,7 +8,7 @@ import torch
 import maskrcnn
 from maskrcnn._seeding import derive_seed
 from maskrcnn.config import merge
-from maskrcnn.engine.alternating import step_iterations
+from maskrcnn.engine.alternating import fit, step_iterations
 from maskrcnn.engine.checkpoint import load_checkpoint
 from maskrcnn.engine.trainer import train
 from maskrcnn.modeling.build import build_model
@@ -40,7 +40,7 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("alternating")
     cfg = maskrcnn.get_config("shapes_R_18_FPN", tiny_train_overrides(
         out, ["solver.max_iter=12", "train.procedure=alternating", "train.tensorboard=never"]))
-    result = train(cfg, progress=False)
+    result = fit(cfg, progress=False)
     return out / "train", result
 
 
@@ -82,4 +82,6 @@ def test_bad_part_settings_are_refused(tmp_path):
                          (["train.procedure=alternating", "train.optimize=rpn"], "leave them")]:
         cfg = maskrcnn.get_config("shapes_R_18_FPN", tiny_train_overrides(tmp_path / extra[0][6:12], extra))
         with pytest.raises(ValueError, match=match):
-            train(cfg, progress=False)
+            fit(cfg, progress=False)
+    with pytest.raises(ValueError, match="engine.alternating.fit"):  # train() runs one end-to-end run only
+        train(maskrcnn.get_config("shapes_R_18_FPN", ["train.procedure=alternating"]), progress=False)

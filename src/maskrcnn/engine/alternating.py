@@ -24,6 +24,7 @@ from pathlib import Path
 
 from maskrcnn.config import Config
 from maskrcnn.engine.checkpoint import load_checkpoint, save_checkpoint
+from maskrcnn.engine.trainer import train
 
 SHARES = (2, 1, 2, 1)  # the paper's 80k / 40k / 80k / 40k
 
@@ -62,8 +63,6 @@ def train_alternating(cfg: Config, progress: bool = True, overwrite: bool = Fals
     """The four steps, each a training run in ``train.output_dir/step1..4``; the final model is
     ``step4/model_final.pth`` (copied to ``train.output_dir/model_final.pth``), evaluated there.
     Returns step 4's result (as :func:`maskrcnn.engine.trainer.train`)."""
-    from maskrcnn.engine.trainer import train
-
     if cfg.train.freeze or cfg.train.optimize != "all" or cfg.train.proposals_from:
         raise ValueError("train.procedure=alternating sets train.optimize, freeze and proposals_from for each step; "
                          "leave them at their defaults")
@@ -93,3 +92,13 @@ def train_alternating(cfg: Config, progress: bool = True, overwrite: bool = Fals
     save_checkpoint(out / "model_final.pth", final["model"], final["config"], final["classes"], cfg.solver.max_iter,
                     resumable=False)
     return result
+
+
+def fit(cfg: Config, resume: bool = False, progress: bool = True, overwrite: bool = False) -> dict:
+    """Train ``cfg`` by its ``train.procedure``: one end-to-end run (:func:`~maskrcnn.engine.trainer.train`)
+    or the four alternating steps."""
+    if cfg.train.procedure != "alternating":
+        return train(cfg, resume=resume, progress=progress, overwrite=overwrite)
+    if resume:
+        raise ValueError("train.procedure=alternating cannot --resume (four runs in step1..step4): start over")
+    return train_alternating(cfg, progress, overwrite)

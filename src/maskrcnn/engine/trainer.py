@@ -336,12 +336,9 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, overwrite: b
     A folder that holds another run's checkpoints is refused unless ``resume`` (continue it) or
     ``overwrite`` (its checkpoints, metrics, events and analysis removed first): a new run beside an
     old ``model_best.pth`` would leave the old run's best model looking like this one's."""
-    if cfg.train.procedure == "alternating":
-        from maskrcnn.engine.alternating import train_alternating
-
-        if resume:
-            raise ValueError("train.procedure=alternating cannot --resume (four runs in step1..step4): start over")
-        return train_alternating(cfg, progress, overwrite)
+    if cfg.train.procedure == "alternating":  # four runs of this function: engine/alternating.py runs them
+        raise ValueError("train.procedure=alternating is four training runs: use maskrcnn.engine.alternating."
+                         "fit(cfg) (what `maskrcnn train` calls), not trainer.train")
     device = select_device(cfg.train.device, DistInfo(local_rank=int(os.environ.get("LOCAL_RANK", "0"))))
     info = init_distributed(device.type)
     out_dir = Path(cfg.train.output_dir)

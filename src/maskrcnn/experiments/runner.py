@@ -83,7 +83,7 @@ def _numbers(metrics: dict) -> dict:
 
 def train_run(cfg: Config, progress: bool) -> dict:
     """The run's numbers, from its folder when it was trained before with this config."""
-    from maskrcnn.engine.trainer import train
+    from maskrcnn.engine.alternating import fit
 
     folder = Path(cfg.train.output_dir)
     done = folder / "ablation_result.json"
@@ -92,7 +92,7 @@ def train_run(cfg: Config, progress: bool) -> dict:
         if kept.get("config") == cfg.to_yaml():
             return kept
     start = time.perf_counter()
-    result = train(cfg, progress=progress, overwrite=True)
+    result = fit(cfg, progress=progress, overwrite=True)
     kept = {"config": cfg.to_yaml(), "numbers": _numbers(result["metrics"]), "seconds": time.perf_counter() - start,
             "iterations": cfg.solver.max_iter}
     done.write_text(json.dumps(kept))
