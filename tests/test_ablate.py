@@ -29,8 +29,9 @@ def test_every_table_has_its_reference_and_runs_are_shared():
 
 def test_budget_and_direction():
     assert parse_budget("600") == (600, None) and parse_budget("30m") == (None, 30.0)
-    with pytest.raises(ValueError, match="--budget"):
-        parse_budget("ten")
+    for bad in ("ten", "3", "10.7", "0m"):
+        with pytest.raises(ValueError, match="--budget must be whole iterations per run, at least 10"):
+            parse_budget(bad)
     assert _direction(30.0, 27.0, 30.3, 26.9).startswith("agrees (paper -3.4, ours -3.0)")
     assert _direction(30.0, 31.0, 30.3, 26.9).startswith("opposite")
     assert _direction(30.0, 30.0, 30.3, 26.9).startswith("no difference")
@@ -51,17 +52,25 @@ def test_rows_average_seeds():
     assert soft["direction"].startswith("agrees (paper -5.5, ours -5.0)")
 
 
+def test_a_set_on_a_varied_key_is_refused(tmp_path, capsys):
+    code = main(["ablate", "--only", "mask_loss", "--budget", "10", "--output", str(tmp_path / "a"), "--set",
+                 "model.mask_head.loss=softmax"])
+    err = capsys.readouterr().err
+    assert code != 0 and "sets a key the tables vary" in err and not (tmp_path / "a" / "runs").exists()
+
+
 def test_ablate_command_trains_evaluates_and_reuses(tmp_path, capsys):
     out = tmp_path / "abl"
-    argv = ["ablate", "--only", "mask_class", "multitask", "--budget", "6", "--output", str(out), "--no-progress"]
+    argv = ["ablate", "--only", "mask_class", "multitask", "mask_class", "--budget", "10", "--output", str(out),
+            "--no-progress"]
     for o in TINY:
         argv += ["--set", o]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "3 runs x 1 seed, 6 iterations each: baseline, class-agnostic, boxes-only" in printed
+    assert "2 tables, 3 runs x 1 seed, 10 iterations each: baseline, class-agnostic, boxes-only" in printed
     assert "| class-agnostic |" in printed and "| boxes only |" in printed and "paper" in printed
     data = json.loads((out / "ablations.json").read_text())
-    assert set(data["tables"]) == {"mask_class", "multitask"} and data["iterations"] == 6
+    assert set(data["tables"]) == {"mask_class", "multitask"} and data["iterations"] == 10
     assert (out / "mask_class.png").is_file() and (out / "multitask.png").is_file()
     assert "### Masks: class-specific vs class-agnostic" in (out / "ablations.md").read_text()
     # the boxes-only run has no mask AP; its box AP is the table's metric
@@ -71,3 +80,4 @@ def test_ablate_command_trains_evaluates_and_reuses(tmp_path, capsys):
     stamp = (out / "runs" / "baseline-seed0" / "model_final.pth").stat().st_mtime_ns
     assert main(argv) == 0
     assert (out / "runs" / "baseline-seed0" / "model_final.pth").stat().st_mtime_ns == stamp
+    assert capsys.readouterr().out.count(", reused)") == 3

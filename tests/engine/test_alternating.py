@@ -75,6 +75,18 @@ def test_each_step_trains_its_part(run):
     assert not any("bbox/AP" in line for line in (root / "step1" / "metrics.jsonl").read_text().splitlines())
 
 
+def test_a_previous_run_is_refused_whole_or_replaced_whole(run, tmp_path):
+    root, _ = run
+    cfg = load_checkpoint(root / "model_final.pth")["config"]
+    cfg = merge(maskrcnn.Config(), cfg)
+    cfg.train.procedure, cfg.train.optimize, cfg.train.freeze = "alternating", "all", ()
+    cfg.train.output_dir, cfg.train.init_weights, cfg.train.proposals_from = str(root), "", ""
+    with pytest.raises(ValueError, match="holds a previous alternating run .*--overwrite"):
+        fit(cfg, progress=False)
+    with pytest.raises(ValueError, match="--overwrite to start over"):
+        fit(cfg, resume=True, progress=False)
+
+
 def test_bad_part_settings_are_refused(tmp_path):
     for extra, match in [(["train.freeze=[head]"], "unknown part 'head'"),
                          (["train.proposals_from=x.pth"], "set it too"),

@@ -20,6 +20,7 @@ ablate --only alternating`` compares them here.
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 
 from maskrcnn.config import Config
@@ -43,7 +44,7 @@ def _step_config(cfg: Config, k: int, iterations: int, out: Path, **train) -> Co
     s = step.solver
     scale = iterations / cfg.solver.max_iter
     s.max_iter = iterations
-    s.steps = tuple(max(1, int(v * scale)) for v in cfg.solver.steps)
+    s.steps = tuple(sorted({max(1, int(v * scale)) for v in cfg.solver.steps}))  # increasing, as validated
     s.warmup_iters = min(cfg.solver.warmup_iters, max(iterations // 4, 1))
     t = step.train
     t.procedure = "end_to_end"
@@ -68,13 +69,22 @@ def train_alternating(cfg: Config, progress: bool = True, overwrite: bool = Fals
                          "leave them at their defaults")
     out = Path(cfg.train.output_dir)
     iters = step_iterations(cfg.solver.max_iter)
+    # the whole layout is checked (and with overwrite, cleared) before step 1: a stale step 2-4 or final
+    # model beside a new step 1 would look like one run
+    layout = [out / f"step{k}" for k in (1, 2, 3, 4)] + [out / "step3_init.pth", out / "model_final.pth"]
+    old = [p for p in layout if p.is_file() or (p.is_dir() and any(p.glob("*.pth")))]
+    if old and not overwrite:
+        raise ValueError(f"{out} holds a previous alternating run ({', '.join(p.name for p in old)}): --overwrite to "
+                         "start over there, or another --output")
+    for p in old:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
     init = cfg.train.init_weights
     print(f"alternating training, 4 steps of {'/'.join(map(str, iters))} iterations: RPN; detector on its proposals; "
           "RPN with the shared backbone frozen; detector heads with backbone and RPN frozen", flush=True)
 
     def run(k: int, **train_settings) -> dict:
         print(f"-- step {k} of 4 --", flush=True)
-        return train(_step_config(cfg, k, iters[k - 1], out, **train_settings), progress=progress, overwrite=overwrite)
+        return train(_step_config(cfg, k, iters[k - 1], out, **train_settings), progress=progress)
 
     run(1, optimize="rpn", init_weights=init)
     step1 = out / "step1" / "model_final.pth"
@@ -100,5 +110,6 @@ def fit(cfg: Config, resume: bool = False, progress: bool = True, overwrite: boo
     if cfg.train.procedure != "alternating":
         return train(cfg, resume=resume, progress=progress, overwrite=overwrite)
     if resume:
-        raise ValueError("train.procedure=alternating cannot --resume (four runs in step1..step4): start over")
+        raise ValueError("train.procedure=alternating cannot --resume (four runs in step1..step4): --overwrite to start "
+                         "over, or another --output")
     return train_alternating(cfg, progress, overwrite)

@@ -590,6 +590,9 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, overwrite: b
     incomplete = cfg.train.optimize == "rpn" or bool(cfg.train.proposals_from)
     if metrics is None and not incomplete:  # not evaluated at this iteration yet
         metrics = run_eval(done)
+    elif incomplete and info.main:
+        print("not evaluated: the RoI heads have not trained on this model's own proposals yet (train.optimize=rpn "
+              "or train.proposals_from)", flush=True)
     result = {"output_dir": str(out_dir), "checkpoint": str(final) if final else None, "metrics": metrics,
               "iterations": done, "best": ({"metric": best.key, "value": best.best, "iteration": best.best_iteration,
                                             "checkpoint": str(out_dir / "model_best.pth")}

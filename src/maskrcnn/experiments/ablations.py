@@ -40,7 +40,8 @@ C4 = ("model.architecture=C4", "model.anchors.sizes=[[16, 32, 64, 128, 256]]", "
 ABLATIONS: tuple[Ablation, ...] = (
     Ablation(
         "roi_pooling", "RoI feature extraction: RoIAlign vs RoIWarp vs RoIPool",
-        "Mask R-CNN Table 2c, ResNet-50-C4, COCO minival mask AP (average-pooled rows)", "segm", "RoIAlign",
+        "Mask R-CNN Table 2c, ResNet-50-C4, COCO minival mask AP (RoIWarp and RoIAlign: their average-pooled rows; "
+        "RoIPool: max, its only row)", "segm", "RoIAlign",
         (Variant("RoIAlign", (), (30.3, 51.2, 31.5)),
          Variant("RoIWarp", ("model.box_head.pooler_type=ROIWarp", "model.mask_head.pooler_type=ROIWarp"),
                  (27.1, 48.9, 27.1)),
@@ -83,7 +84,8 @@ ABLATIONS: tuple[Ablation, ...] = (
         "bbox", "with masks",
         (Variant("with masks", (), (38.2, 60.3, 41.7)),
          Variant("boxes only", ("model.mask_on=false",), (37.3, 59.6, 40.3))),
-        "the paper's gain is +0.9 box AP, within one run's noise on 200 synthetic images: compare with --seeds"),
+        "the paper's gain is +0.9 box AP, about one run's noise on a few hundred synthetic images: compare with "
+        "--seeds"),
     Ablation(
         "cascade", "Cascade Mask R-CNN vs Mask R-CNN",
         "Cascade authors' Detectron port, ResNet-50-FPN 1x, COCO minival mask AP (box AP 41.3 vs 37.7)", "segm",

@@ -32,6 +32,7 @@ SETTINGS = {
 }
 DEFAULT_BUDGET = {"cpu": 600, "gpu": 20000}
 C4_TABLES = ("roi_pooling", "mask_loss", "mask_class")  # the paper ran these on ResNet-50-C4
+MIN_ITERATIONS = 10  # warm-up, decay steps and the four alternating steps need a few
 
 
 @dataclass
@@ -67,7 +68,7 @@ def run_config(run: Run, out: Path, setting: str, iterations: int, seed: int, de
                extra: list[str] = ()) -> Config:
     preset, common, scale = SETTINGS[setting]
     overrides = list(extra) + [scale.get(o, o) for o in run.overrides]
-    steps = [int(iterations * 0.75), int(iterations * 0.92)]
+    steps = sorted({max(1, int(iterations * 0.75)), max(2, int(iterations * 0.92))})  # increasing, as validated
     return get_config(preset, common + [
         f"data.shapes_dir={out / 'shapes'}", f"train.output_dir={out / 'runs' / f'{run.name}-seed{seed}'}",
         f"solver.max_iter={iterations}", f"solver.steps={steps}", f"train.seed={seed}", f"train.device={device}",
@@ -90,7 +91,7 @@ def train_run(cfg: Config, progress: bool) -> dict:
     if done.is_file():
         kept = json.loads(done.read_text())
         if kept.get("config") == cfg.to_yaml():
-            return kept
+            return {**kept, "reused": True}
     start = time.perf_counter()
     result = fit(cfg, progress=progress, overwrite=True)
     kept = {"config": cfg.to_yaml(), "numbers": _numbers(result["metrics"]), "seconds": time.perf_counter() - start,
@@ -107,16 +108,23 @@ def _iterations_for(minutes: float, n_runs: int, out: Path, setting: str, device
     cfg = run_config(Run("probe", ()), out, setting, 20, 0, device, extra)
     start = time.perf_counter()
     train(cfg, progress=False, overwrite=True)
-    per_iter = (time.perf_counter() - start) / 20
-    return max(20, int(0.85 * minutes * 60 / n_runs / per_iter))
+    probe = time.perf_counter() - start
+    left = max(minutes * 60 - probe, 0.0)  # the probe is part of the budget
+    return max(MIN_ITERATIONS, int(0.85 * left / n_runs / (probe / 20)))
 
 
 def parse_budget(text: str) -> tuple[int | None, float | None]:
     """``"600"`` (iterations per run) or ``"30m"`` (minutes for everything)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(m|min|minutes)?\s*", text)
+    usage = f"--budget must be whole iterations per run, at least {MIN_ITERATIONS} (e.g. 600), or minutes in all " \
+            f"(e.g. 30m), got {text!r}"
     if not m or float(m.group(1)) <= 0:
-        raise ValueError(f"--budget must be iterations per run (e.g. 600) or minutes in all (e.g. 30m), got {text!r}")
-    return (None, float(m.group(1))) if m.group(2) else (int(float(m.group(1))), None)
+        raise ValueError(usage)
+    if m.group(2):
+        return None, float(m.group(1))
+    if "." in m.group(1) or int(m.group(1)) < MIN_ITERATIONS:
+        raise ValueError(usage)
+    return int(m.group(1)), None
 
 
 def _direction(ours_ref: float, ours: float, paper_ref: float | None, paper: float | None, noise: float = 0.0) -> str:
@@ -183,6 +191,9 @@ def format_table(table: Ablation, rows: list[dict], arch: str, iterations: int, 
         lines.append(f"| {r['variant']} | {fmt(r['AP'], r['AP_spread'])} | {fmt(r['AP50'])} | "
                      f"{fmt(r['AP75'], r['AP75_spread'])} | {fmt(r['other_AP'])} | {fmt(paper[0])} | {fmt(paper[1])} | "
                      f"{fmt(paper[2])} | {direction} |")
+    if seeds == 1:
+        lines += ["", "One seed: no estimate of run-to-run noise, so a difference of about an AP point may be "
+                      "chance (--seeds 2 or more reports the spread)."]
     if table.note:
         lines += ["", f"Expect: {table.note}."]
     return "\n".join(lines)
@@ -208,6 +219,8 @@ def plot_table(table: Ablation, rows: list[dict], folders: dict[str, Path], path
     from maskrcnn._pyplot import pyplot
 
     plt = pyplot()
+    from matplotlib import ticker
+
     fig, (bars, curves) = plt.subplots(1, 2, figsize=(11, 4))
     names = [r["variant"] for r in rows]
     width = 0.38
@@ -220,7 +233,7 @@ def plot_table(table: Ablation, rows: list[dict], folders: dict[str, Path], path
     bars.set_xticks(range(len(rows)), names)
     bars.set_ylabel(f"{'mask' if table.metric == 'segm' else 'box'} AP")
     bars.set_title(table.title, fontsize=10)
-    bars.legend(fontsize=8)
+    bars.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=4, frameon=False)
     for name in names:
         xs, ys = _loss_curve(folders[name])
         if xs:
@@ -228,6 +241,8 @@ def plot_table(table: Ablation, rows: list[dict], folders: dict[str, Path], path
     curves.set_xlabel("iteration")
     curves.set_ylabel("training loss (total)")
     curves.set_yscale("log")
+    curves.yaxis.set_major_formatter(ticker.ScalarFormatter())  # 2, 1, 0.5 rather than 2x10^0
+    curves.yaxis.set_minor_formatter(ticker.NullFormatter())
     curves.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -241,14 +256,26 @@ def run_ablations(keys: list[str], out: Path, budget: str | None = None, seeds: 
     ``extra``: config overrides for every run (e.g. a smaller dataset)."""
     if setting not in SETTINGS or arch not in ("fpn", "c4") or seeds < 1:
         raise ValueError(f"setting must be cpu or gpu, arch fpn or c4, seeds >= 1; got {setting}, {arch}, {seeds}")
+    keys = list(dict.fromkeys(keys))  # each table once
     tables, chosen = plan(keys, arch)
     unique = list({run.name: run for run in chosen.values()}.values())
+    varied = {o.split("=", 1)[0] for run in unique for o in run.overrides}
+    clash = [o for o in extra if o.split("=", 1)[0].strip() in varied]
+    if clash:
+        raise ValueError(f"--set {clash[0]} sets a key the tables vary (their variants would all be the same): "
+                         "leave it to the tables")
+    if setting == "gpu" and device in ("auto", "cuda") and not __import__("torch").cuda.is_available():
+        print("warning: --setting gpu without a GPU: ResNet-50 at 512 px and batch 16 will run on the CPU", flush=True)
     iterations, minutes = parse_budget(budget or str(DEFAULT_BUDGET[setting]))
     out.mkdir(parents=True, exist_ok=True)
     if iterations is None:
         iterations = _iterations_for(minutes, len(unique) * seeds, out, setting, device, list(extra))
     print(f"{len(tables)} tables, {len(unique)} runs x {seeds} seed{'s' if seeds > 1 else ''}, {iterations} "
           f"iterations each: {', '.join(r.name for r in unique)}", flush=True)
+    from maskrcnn.modeling.build import build_model
+
+    for run in unique:  # every variant's config and model checked before anything trains
+        build_model(run_config(run, out, setting, iterations, 0, device, list(extra)))
     results: dict[str, list[dict]] = {}
     for run in unique:
         for seed in range(seeds):
@@ -258,7 +285,7 @@ def run_ablations(keys: list[str], out: Path, budget: str | None = None, seeds: 
             r["folder"] = cfg.train.output_dir
             results.setdefault(run.name, []).append(r)
             shown = ", ".join(f"{k} {v:.1f}" for k, v in r["numbers"].items() if k.endswith("/AP"))
-            print(f"   {shown} ({r['seconds'] / 60:.1f} min)", flush=True)
+            print(f"   {shown} ({r['seconds'] / 60:.1f} min{', reused' if r.get('reused') else ''})", flush=True)
     report, data = [], {}
     for table in tables:
         per_variant = {v.name: results[chosen[(table.key, v.name)].name] for v in table.variants}
