@@ -81,6 +81,7 @@ def test_a_previous_run_is_refused_whole_or_replaced_whole(run, tmp_path):
     cfg = merge(maskrcnn.Config(), cfg)
     cfg.train.procedure, cfg.train.optimize, cfg.train.freeze = "alternating", "all", ()
     cfg.train.output_dir, cfg.train.init_weights, cfg.train.proposals_from = str(root), "", ""
+    cfg.solver.max_iter = 12
     with pytest.raises(ValueError, match="holds a previous alternating run .*--overwrite"):
         fit(cfg, progress=False)
     with pytest.raises(ValueError, match="--overwrite to start over"):
