@@ -75,7 +75,7 @@ def test_each_step_trains_its_part(run):
     assert not any("bbox/AP" in line for line in (root / "step1" / "metrics.jsonl").read_text().splitlines())
 
 
-def test_a_previous_run_is_refused_whole_or_replaced_whole(run, tmp_path):
+def test_a_previous_run_is_refused_before_any_step(run, tmp_path):
     root, _ = run
     cfg = load_checkpoint(root / "model_final.pth")["config"]
     cfg = merge(maskrcnn.Config(), cfg)
