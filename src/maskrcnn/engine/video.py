@@ -25,11 +25,11 @@ from tqdm import tqdm
 
 from maskrcnn._extras import require
 from maskrcnn.data.transforms import BadImageError
-from maskrcnn.evaluation.coco_eval import instances_to_coco
+from maskrcnn.engine.folder import KEYS
+from maskrcnn.evaluation.coco_eval import instances_to_detections
 from maskrcnn.visualize import draw_instances
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts", ".gif")
-KEYS = ("boxes", "scores", "labels", "masks", "keypoints", "keypoints_scores")
 PIP_LINE = 'pip install "maskrcnn[video]"'
 
 
@@ -83,14 +83,11 @@ def _even(arr: np.ndarray) -> np.ndarray:
 
 
 def _frame_line(k: int, t: float | None, sel: dict, class_map) -> str:
-    detections = instances_to_coco(sel, k, class_map)
-    for r, label in zip(detections, sel["labels"].tolist()):
-        del r["image_id"]
-        r["class_name"] = class_map.name(label)
-    return json.dumps({"frame": k, "time": None if t is None else round(t, 6), "detections": detections})
+    return json.dumps({"frame": k, "time": None if t is None else round(t, 6),
+                       "detections": instances_to_detections(sel, class_map)})
 
 
-def _upright(frame, av) -> np.ndarray:
+def _upright(frame) -> np.ndarray:
     """The frame's RGB pixels as shown: turned by the stream's display rotation (phones record
     sideways and tag the video, as they tag photos with EXIF)."""
     arr = frame.to_ndarray(format="rgb24")
@@ -175,7 +172,7 @@ def predict_video(predictor, source: str | Path, out_dir: Path, score_thresh: fl
                 for k, frame in enumerate(container.decode(stream)):
                     if max_frames is not None and k >= max_frames:
                         break
-                    arr = _upright(frame, av)
+                    arr = _upright(frame)
                     if size is None:
                         size = arr.shape[:2]
                     elif arr.shape[:2] != size and not resized:  # the encoder scales to the first size

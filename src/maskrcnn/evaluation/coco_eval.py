@@ -64,6 +64,16 @@ def instances_to_coco(output: dict[str, Tensor], image_id: int, class_map: Class
     return results
 
 
+def instances_to_detections(output: dict[str, Tensor], class_map: ClassMap) -> list[dict]:
+    """One image's predictions as COCO results without ``image_id`` and with each ``class_name``:
+    the detections of a video frame's JSON line and of the server's answer."""
+    results = instances_to_coco(output, 0, class_map)
+    for r, label in zip(results, output["labels"].tolist()):
+        del r["image_id"]
+        r["class_name"] = class_map.name(label)
+    return results
+
+
 BACKENDS = ("auto", "pycocotools", "faster-coco-eval")
 
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from maskrcnn._extras import require
 from maskrcnn.data.transforms import BadImageError, ImageTooLarge, load_image
-from maskrcnn.evaluation.coco_eval import instances_to_coco
+from maskrcnn.evaluation.coco_eval import instances_to_detections
 from maskrcnn.serve.batcher import Batcher, QueueFull
 from maskrcnn.structures.contours import mask_to_polygons
 
@@ -99,12 +99,9 @@ def _detections(out: dict, score_thresh: float, mask_format: str, class_map) -> 
     masks = out.get("masks")
     if masks is not None and mask_format == "rle":
         sel["masks"] = masks[keep]
-    results = instances_to_coco(sel, 0, class_map)
-    labels = sel["labels"].tolist()
+    results = instances_to_detections(sel, class_map)
     polygon_masks = masks[keep] if masks is not None and mask_format == "polygon" else None
     for k, r in enumerate(results):
-        del r["image_id"]
-        r["class_name"] = class_map.name(labels[k])
         if polygon_masks is not None:
             m = polygon_masks[k, 0] if polygon_masks.dim() == 4 else polygon_masks[k]
             m = (m >= 0.5 if m.is_floating_point() else m.bool()).numpy()
