@@ -37,6 +37,8 @@ args = json.loads(sys.argv[1])
 sys.path.insert(0, args["bench_dir"])
 from timing import median_seconds, peak_rss_mb
 torch.set_num_threads(args["threads"])
+from maskrcnn._malloc import keep_freed_memory
+keep_freed_memory()  # as Predictor does, whichever runtime it runs
 image = torch.load(args["image"])  # (3, H, W) uint8
 runtime = args["runtime"]
 if runtime == "eager" or args.get("export_to"):

@@ -67,8 +67,10 @@ import torch
 import maskrcnn
 from maskrcnn.interop.torchvision import load_torchvision_detection
 from maskrcnn.structures.precision import network_precision
+from maskrcnn._malloc import keep_freed_memory
 args = json.loads(sys.argv[1])
 torch.set_num_threads(args["threads"])
+keep_freed_memory()  # as train() and the command line do
 size = args["size"]
 cfg = maskrcnn.get_config("torchvision_maskrcnn_resnet50_fpn", [
     f"model.input.min_size_train=[{size}]", f"model.input.max_size_train={int(size * 1333 / 800)}"])

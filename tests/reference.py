@@ -64,7 +64,10 @@ def reference_python() -> Path | None:
     return py if py.exists() else None
 
 
-def run_reference(script: str, inputs: dict, *, timeout: float = 900, threads: int = 2) -> dict:
+def run_reference(script: str, inputs: dict, *, timeout: float = 900, threads: int = 2,
+                  env: dict | None = None) -> dict:
+    """Run ``script`` in the reference environment with ``inputs``; its ``outputs`` dict comes back.
+    ``env``: extra environment variables for that process."""
     py = reference_python()
     if py is None:
         raise RuntimeError("reference environment not found; run `bash scripts/make_reference_env.sh`")
@@ -73,7 +76,7 @@ def run_reference(script: str, inputs: dict, *, timeout: float = 900, threads: i
         src.write_text(_PRELUDE + textwrap.dedent(script) + _EPILOGUE)
         torch.save(inputs, inp)
         proc = subprocess.run([str(py), str(src), str(inp), str(out), str(threads)], capture_output=True,
-                              text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": ""})
+                              text=True, timeout=timeout, env={**os.environ, **(env or {}), "PYTHONPATH": ""})
         if proc.returncode != 0:
             raise RuntimeError(f"reference script failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
         return torch.load(out, weights_only=False)

@@ -815,9 +815,11 @@ def main(argv: list[str] | None = None) -> int:
     import traceback
     import warnings
 
+    from maskrcnn._malloc import keep_freed_memory
     from maskrcnn._openmp import limit_spin_waiting
 
     limit_spin_waiting()  # before anything starts torch
+    keep_freed_memory()
     parser = _parser()
     args = parser.parse_args(argv)
     commands = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "demo": _cmd_demo, "serve": _cmd_serve, "ablate": _cmd_ablate,

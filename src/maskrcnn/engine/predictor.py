@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from maskrcnn._malloc import keep_freed_memory
 from maskrcnn.config import Config, merge
 from maskrcnn.data.coco import ClassMap
 from maskrcnn.data.transforms import load_image, rgb_array
@@ -91,6 +92,7 @@ class Predictor:
         if classes is not None and not isinstance(classes, ClassMap):
             classes = ClassMap.from_file(classes)
         self.device = resolve_device(device)
+        keep_freed_memory()  # no page faults for each new tensor (maskrcnn/_malloc.py)
         if Path(checkpoint).suffix in (".onnx", ".pt2"):
             self._load_exported(checkpoint, runtime, overrides, config, classes)
             return

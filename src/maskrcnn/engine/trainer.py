@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from maskrcnn._malloc import keep_freed_memory
 from maskrcnn._seeding import derive_seed
 from maskrcnn.config import Config, merge
 from maskrcnn.data.build import build_train_dataset, build_val_dataset, dataset_paths
@@ -339,6 +340,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, overwrite: b
     if cfg.train.procedure == "alternating":  # four runs of this function: engine/alternating.py runs them
         raise ValueError("train.procedure=alternating is four training runs: use maskrcnn.engine.alternating."
                          "fit(cfg) (what `maskrcnn train` calls), not trainer.train")
+    keep_freed_memory()  # no page faults for each new tensor (maskrcnn/_malloc.py)
     device = select_device(cfg.train.device, DistInfo(local_rank=int(os.environ.get("LOCAL_RANK", "0"))))
     info = init_distributed(device.type)
     out_dir = Path(cfg.train.output_dir)
