@@ -92,3 +92,27 @@ def test_repeated_images_appear_as_often_as_their_factor():
     sampler = TrainingBatchSampler([True] * 20, 4, seed=7, grouping=False, repeat=fractional)
     resumed = TrainingBatchSampler([True] * 20, 4, seed=7, grouping=False, repeat=fractional, start_iter=11)
     assert _take(resumed, 9) == _take(sampler, 20)[11:]
+
+
+def test_worker_processes_give_the_batches_of_the_main_process(tmp_path):
+    # the default data.num_workers=2 (loading and augmenting in other processes, the flips drawn
+    # from each sample's own seed) must give exactly what the demo's in-process loader gives
+    import torch
+
+    from maskrcnn.data.coco import CocoDataset
+    from maskrcnn.data.loader import training_loader
+    from maskrcnn.data.shapes import write_shapes_dataset
+
+    paths = write_shapes_dataset(tmp_path, num_train=10, num_val=1, size=(64, 80), max_objects=2, min_radius=8,
+                                 max_radius=16)
+    data = CocoDataset(*paths["train"], train=True)
+
+    def batches(workers):
+        loader = training_loader(data, data.aspect_wide(), 3, seed=5, grouping=True, num_workers=workers)
+        it = iter(loader)
+        return [next(it) for _ in range(7)]  # past one epoch of 10 images
+
+    for (im0, t0), (im2, t2) in zip(batches(0), batches(2)):
+        assert all(torch.equal(a, b) for a, b in zip(im0, im2))
+        assert [t["image_id"] for t in t0] == [t["image_id"] for t in t2]
+        assert all(torch.equal(a["boxes"], b["boxes"]) for a, b in zip(t0, t2))

@@ -89,10 +89,13 @@ def collate(batch: list) -> tuple[list, list]:
 
 def training_loader(dataset: Dataset, aspect_wide: Sequence[bool], ims_per_batch: int, seed: int, grouping: bool,
                     num_workers: int, rank: int = 0, world_size: int = 1, start_iter: int = 0,
-                    repeat: Sequence[float] | None = None) -> DataLoader:
+                    repeat: Sequence[float] | None = None, pin_memory: bool = False) -> DataLoader:
+    """``pin_memory`` (for a CUDA device): batches in page-locked memory, so that the copies to the GPU
+    are asynchronous and overlap the previous step."""
     sampler = TrainingBatchSampler(aspect_wide, ims_per_batch, seed, grouping, rank, world_size, start_iter, repeat)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
-                      persistent_workers=num_workers > 0, prefetch_factor=2 if num_workers > 0 else None)
+                      persistent_workers=num_workers > 0, prefetch_factor=2 if num_workers > 0 else None,
+                      pin_memory=pin_memory)
 
 
 def inference_loader(dataset: Dataset, rank: int = 0, world_size: int = 1, num_workers: int = 0,

@@ -427,7 +427,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, overwrite: b
               f"on average")
     loader = training_loader(train_set, train_set.aspect_wide(), cfg.solver.ims_per_batch, cfg.train.seed,
                              cfg.data.aspect_ratio_grouping, cfg.data.num_workers, info.rank, info.world_size,
-                             start_iter, repeat)
+                             start_iter, repeat, pin_memory=device.type == "cuda")
     # a resumed run's events after its checkpoint are dropped, as its metrics.jsonl records are
     board = TensorBoardLog(out_dir, cfg.train.tensorboard, info.main, purge_step=start_iter + 1 if start_iter else None)
     log = MetricsLog(out_dir / "metrics.jsonl", start_iter, info.main, board)
