@@ -35,7 +35,9 @@ class FastRCNNConvFCHead(nn.Module):
         self.convs = nn.Sequential(*[
             ConvNorm(in_channels if i == 0 else conv_dim, conv_dim, 3, 1, 1, norm=make_norm(norm, conv_dim, norm_eps),
                      relu=True) for i in range(num_conv)])
-        dim = (conv_dim if num_conv else in_channels) * resolution * resolution
+        self.in_shape = (conv_dim if num_conv else in_channels, resolution, resolution)  # of the first FC's input
+        dim = self.in_shape[0] * resolution * resolution
+        self.register_buffer("fc1_as_conv", None, persistent=False)  # see cache_fc1_as_conv
         self.fcs = nn.ModuleList()
         for _ in range(num_fc):
             self.fcs.append(nn.Linear(dim, fc_dim))
@@ -51,10 +53,29 @@ class FastRCNNConvFCHead(nn.Module):
             nn.init.zeros_(fc.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.convs(x).flatten(1)
-        for fc in self.fcs:
+        x = self.convs(x)
+        fcs = list(self.fcs)
+        if fcs:
+            # the first FC over the (C, R, R) pooled map is an RxR convolution without padding: oneDNN
+            # reads the channels-last map in place (flatten would copy it into (C, R, R) order first)
+            # at its convolution speed; MKL's float32 matrix product ran at ~40% of that on an AMD
+            # EPYC (R50-FPN, 1000 RoIs: 152 ms as a matrix product, 63 ms as this convolution)
+            fc = fcs.pop(0)
+            weight = self.fc1_as_conv if self.fc1_as_conv is not None else fc.weight.view(fc.out_features, *x.shape[1:])
+            x = F.relu(F.conv2d(x, weight, fc.bias).flatten(1))
+        else:
+            x = x.flatten(1)
+        for fc in fcs:
             x = F.relu(fc(x))
         return x
+
+    def cache_fc1_as_conv(self, memory_format: torch.memory_format) -> None:
+        """For inference: keep the first FC's weight as a convolution kernel in ``memory_format``, so
+        that it is not reordered at every call (the FC's own weight stays, for ``state_dict``)."""
+        if len(self.fcs):
+            fc, c = self.fcs[0], self.in_shape[0]
+            kernel = fc.weight.detach().view(fc.out_features, c, *self.in_shape[1:]).contiguous(memory_format=memory_format)
+            self.fc1_as_conv = kernel
 
 
 class FastRCNNPredictor(nn.Module):
