@@ -232,3 +232,16 @@ def test_checkpoints_do_not_need_the_backbone_weights_file(tmp_path, monkeypatch
     maskrcnn.build_model(cfg)
     out = Predictor(result["checkpoint"], "cpu")(torch.rand(3, 80, 120))
     assert out["boxes"].shape[1] == 4
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["model.mask_head.loss=softmax", "model.mask_head.class_agnostic=true"], "softmax"),
+    (["solver.amp=fp16"], "fp16"),
+])
+def test_a_refused_config_leaves_no_config_yaml(tmp_path, extra, message):
+    # config.yaml says "this folder holds a run of this config": a config refused while the model,
+    # its trained parts or the precision are set up must not leave one behind
+    cfg = tiny_train_config(tmp_path, extra)
+    with pytest.raises(ValueError, match=message):
+        train(cfg, progress=False)
+    assert not (tmp_path / "train" / "config.yaml").exists()

@@ -379,9 +379,6 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, overwrite: b
                       f"{class_map.keypoint_names}")
             cfg.model.keypoint_head.num_keypoints = train_set.num_keypoints
     val_set = build_val_dataset(cfg, paths, class_map)
-    if info.main:
-        (out_dir / "config.yaml").write_text(cfg.to_yaml())
-        write_skipped([train_set, val_set], out_dir)
 
     torch.manual_seed(derive_seed(cfg.train.seed))
     model = _sync_bn_for(build_model(cfg), info).to(device)
@@ -399,6 +396,9 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, overwrite: b
                                 lr=cfg.solver.base_lr, momentum=cfg.solver.momentum)
     amp = cfg.solver.amp
     network_precision(device, amp, "solver.amp")  # fp16 on the CPU fails here, before any work
+    if info.main:  # after every check of the config above: a refused run leaves no config.yaml behind
+        (out_dir / "config.yaml").write_text(cfg.to_yaml())
+        write_skipped([train_set, val_set], out_dir)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
     if ckpt is not None:
         state = load_checkpoint(ckpt)
