@@ -81,3 +81,8 @@ def test_ablate_command_trains_evaluates_and_reuses(tmp_path, capsys):
     assert main(argv) == 0
     assert (out / "runs" / "baseline-seed0" / "model_final.pth").stat().st_mtime_ns == stamp
     assert capsys.readouterr().out.count(", reused)") == 3
+    # a later run of fewer tables (reusing the runs) drops the charts of the tables it left out
+    argv_one = [a for a in argv if a != "multitask"]
+    assert main(argv_one) == 0
+    assert (out / "mask_class.png").is_file() and not (out / "multitask.png").exists()
+    assert set(json.loads((out / "ablations.json").read_text())["tables"]) == {"mask_class"}

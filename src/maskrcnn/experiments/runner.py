@@ -296,6 +296,10 @@ def run_ablations(keys: list[str], out: Path, budget: str | None = None, seeds: 
         report.append(text + f"\n\n![{table.key}]({picture.name})")
         data[table.key] = rows
         print("\n" + text + "\n", flush=True)
+    # a chart of a table that this run left out belongs to an earlier run, not to the report below
+    for other in ABLATIONS:
+        if other not in tables:
+            (out / f"{other.key}.png").unlink(missing_ok=True)
     (out / "ablations.md").write_text("\n\n".join(report) + "\n")
     (out / "ablations.json").write_text(json.dumps({"iterations": iterations, "seeds": seeds, "arch": arch,
                                                     "setting": setting, "tables": data}, indent=1))
