@@ -55,7 +55,7 @@ class FastRCNNConvFCHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.convs(x)
         fcs = list(self.fcs)
-        if fcs:
+        if fcs and x.dim() == 4:
             # the first FC over the (C, R, R) pooled map is an RxR convolution without padding: oneDNN
             # reads the channels-last map in place (flatten would copy it into (C, R, R) order first)
             # at its convolution speed; MKL's float32 matrix product ran at ~40% of that on an AMD
