@@ -64,6 +64,17 @@ def draw_instances(image: Image.Image | np.ndarray | Tensor, boxes: Tensor, labe
     return out
 
 
+def draw_detections(image: Image.Image | np.ndarray | Tensor, detections: dict, class_map) -> Image.Image:
+    """:func:`draw_instances` of a model's detections (``boxes``, ``labels``, ``scores`` and, where the
+    model gives them, ``masks``/``mask_crops`` and ``keypoints``), named by ``class_map`` (a
+    ``ClassMap``: ``name(label)`` and ``skeleton``): the overlay that ``predict`` saves for an image
+    and encodes for a video frame."""
+    labels = detections["labels"].tolist()
+    return draw_instances(image, detections["boxes"], labels, [class_map.name(v) for v in labels],
+                          detections["scores"].tolist(), detections.get("masks"), keypoints=detections.get("keypoints"),
+                          skeleton=class_map.skeleton, mask_crops=detections.get("mask_crops") or None)
+
+
 def _draw_keypoints(draw: ImageDraw.ImageDraw, keypoints: list, labels: Sequence[int],
                     skeleton: Sequence[Sequence[int]]) -> None:
     for k, points in enumerate(keypoints):

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from maskrcnn.data.transforms import BadImageError
 from maskrcnn.engine.predictor import to_image_tensor
 from maskrcnn.evaluation.coco_eval import instances_to_coco
-from maskrcnn.visualize import draw_instances
+from maskrcnn.visualize import draw_detections
 
 KEYS = ("boxes", "scores", "labels", "masks", "keypoints", "keypoints_scores")
 
@@ -102,11 +102,7 @@ def predict_files(predictor, paths: Sequence[Path], out_dir: Path, score_thresh:
     start = time.perf_counter()
 
     def draw(image, sel: dict, name: str) -> None:
-        labels = sel["labels"].tolist()
-        overlay = draw_instances(image, sel["boxes"], labels, [class_map.name(v) for v in labels],
-                                 sel["scores"].tolist(), sel.get("masks"), keypoints=sel.get("keypoints"),
-                                 skeleton=class_map.skeleton, mask_crops=sel.get("mask_crops") or None)
-        overlay.save(out_dir / name)
+        draw_detections(image, sel, class_map).save(out_dir / name)
 
     ahead = batch_size + 2 * workers  # decoded images waiting for the model
     no_bar = not progress or not sys.stderr.isatty()

@@ -27,7 +27,7 @@ from maskrcnn._extras import require
 from maskrcnn.data.transforms import BadImageError
 from maskrcnn.engine.folder import KEYS
 from maskrcnn.evaluation.coco_eval import instances_to_detections
-from maskrcnn.visualize import draw_instances
+from maskrcnn.visualize import draw_detections
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts", ".gif")
 PIP_LINE = 'pip install "maskrcnn[video]"'
@@ -129,11 +129,7 @@ def predict_video(predictor, source: str | Path, out_dir: Path, score_thresh: fl
 
     def write(image: np.ndarray, sel: dict, k: int, t: float | None) -> None:
         nonlocal ostream
-        labels = sel["labels"].tolist()
-        overlay = draw_instances(image, sel["boxes"], labels, [class_map.name(v) for v in labels],
-                                 sel["scores"].tolist(), sel.get("masks"), keypoints=sel.get("keypoints"),
-                                 skeleton=class_map.skeleton)
-        arr = _even(np.asarray(overlay))
+        arr = _even(np.asarray(draw_detections(image, sel, class_map)))
         if ostream is None:  # sized by the first frame (a stream's size is known once it is decoded)
             ostream = output.add_stream(codec, rate=rate)
             ostream.width, ostream.height = arr.shape[1], arr.shape[0]
