@@ -4,11 +4,27 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from maskrcnn.modeling.conv import ConvNorm
 from maskrcnn.modeling.norm import make_norm
+
+
+def add_upsampled(lateral: Tensor, coarse: Tensor) -> Tensor:
+    """``lateral + nearest-upsampled coarse``. When autograd does not record it and the sizes are exactly
+    2x (inputs padded to a multiple of 32), the sum is written into ``lateral`` with ``coarse``
+    broadcast over 2x2 blocks, the same values as ``interpolate``'s (pixel i takes i // 2) without
+    materialising the upsampled map: at P2 of an 800-px image those are 55 MB tensors (this and the
+    add took ~9 ms per level on 2 AMD EPYC cores)."""
+    n, c, h, w = lateral.shape
+    in_place = not (torch.is_grad_enabled() and (lateral.requires_grad or coarse.requires_grad))
+    if in_place and not torch.compiler.is_compiling() and (h, w) == (2 * coarse.shape[2], 2 * coarse.shape[3]) \
+            and coarse.shape[:2] == (n, c) and coarse.dtype == lateral.dtype:
+        lateral.view(n, c, h // 2, 2, w // 2, 2).add_(coarse[:, :, :, None, :, None])
+        return lateral
+    return lateral + F.interpolate(coarse, size=(h, w), mode="nearest")
 
 
 class FPN(nn.Module):
@@ -41,8 +57,7 @@ class FPN(nn.Module):
         inner = self.lateral[-1](features[-1])
         results = [self.output[-1](inner)]
         for i in range(len(features) - 2, -1, -1):
-            lateral = self.lateral[i](features[i])
-            inner = lateral + F.interpolate(inner, size=lateral.shape[-2:], mode="nearest")
+            inner = add_upsampled(self.lateral[i](features[i]), inner)
             results.insert(0, self.output[i](inner))
         if self.top_block:
             results.append(F.max_pool2d(results[-1], kernel_size=1, stride=2, padding=0))

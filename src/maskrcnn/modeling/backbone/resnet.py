@@ -42,9 +42,7 @@ class BasicBlock(nn.Module):
             self.shortcut = ConvNorm(in_channels, out_channels, 1, stride, norm=make_norm(norm, out_channels, eps))
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.conv2(self.conv1(x))
-        out = out + (x if self.shortcut is None else self.shortcut(x))
-        return F.relu_(out)
+        return self.conv2(self.conv1(x), residual=x if self.shortcut is None else self.shortcut(x))
 
 
 class BottleneckBlock(nn.Module):
@@ -63,9 +61,7 @@ class BottleneckBlock(nn.Module):
             self.shortcut = ConvNorm(in_channels, out_channels, 1, stride, norm=make_norm(norm, out_channels, eps))
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.conv3(self.conv2(self.conv1(x)))
-        out = out + (x if self.shortcut is None else self.shortcut(x))
-        return F.relu_(out)
+        return self.conv3(self.conv2(self.conv1(x)), residual=x if self.shortcut is None else self.shortcut(x))
 
 
 class Stem(nn.Module):
