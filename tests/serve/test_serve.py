@@ -2,8 +2,10 @@
 send real HTTP requests (the API, bad uploads, a load test) and drive the web page in headless
 Chromium."""
 
+import http.client
 import json
 import os
+import select
 import shutil
 import socket
 import statistics
@@ -249,6 +251,38 @@ def test_bad_uploads_are_4xx_json_errors(server, case, expected_status, expected
     assert expected_text in answer["error"], answer
     # the server is alive and still answers correctly
     assert _post_images(base, [("a.png", good)])[0] == 200
+
+
+def _raw_post(base: str, length: int, body: bytes, wait_before_rest: float = 0.0) -> tuple[bool, int, dict]:
+    """POST /predict over a plain socket declaring ``length`` bytes and sending ``body`` in two halves:
+    (whether an answer came while the second half was held back ``wait_before_rest`` s, status, JSON)."""
+    from urllib.parse import urlparse
+
+    url = urlparse(base)
+    with socket.create_connection((url.hostname, url.port), timeout=60) as sock:
+        half = len(body) // 2
+        sock.sendall(f"POST /predict HTTP/1.1\r\nHost: {url.hostname}\r\nContent-Type: image/png\r\n"
+                     f"Content-Length: {length}\r\n\r\n".encode() + body[:half])
+        early = bool(select.select([sock], [], [], wait_before_rest)[0]) if wait_before_rest else False
+        if body[half:] and not early:
+            sock.sendall(body[half:])
+        answer = http.client.HTTPResponse(sock)
+        answer.begin()
+        return early, answer.status, json.loads(answer.read())
+
+
+def test_an_oversized_upload_is_answered_once_it_is_in(server):
+    # the server allows 1 MB. A client that sends its whole body before it reads (urllib, requests)
+    # must get the 413, not a broken pipe from a connection closed mid-upload (a CI failure of
+    # 2026-12-07): up to 4x the limit the body is read to its end first, and nothing is answered
+    # while it is still coming
+    early, status, answer = _raw_post(server["base"], 1_500_000, os.urandom(1_500_000), wait_before_rest=1.0)
+    assert not early
+    assert status == 413 and "MB allowed" in answer["error"], answer
+    # far beyond the limit the answer comes at once, without waiting for (or reading) the body
+    early, status, answer = _raw_post(server["base"], 100_000_000, b"", wait_before_rest=0)
+    assert status == 413 and "95.4 MB" in answer["error"], answer
+    assert _post_images(server["base"], [("a.png", _png(_scene(64, 64, 4)))])[0] == 200
     assert server["proc"].poll() is None
 
 
