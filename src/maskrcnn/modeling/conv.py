@@ -21,7 +21,7 @@ if _CONV_RELU is not None:
     _FUSED_DTYPES = (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
 
 
-def _recorded(*tensors: Tensor) -> bool:
+def autograd_records(*tensors: Tensor) -> bool:
     """Whether autograd records an op on ``tensors`` (then nothing may be overwritten in place)."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -42,7 +42,7 @@ def _fused_relu_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
     """The dtype to run a conv+ReLU in as one oneDNN call, or None for the plain ops: CPU, no autograd
     recording, no graph capture (export keeps the plain ops), float32, or bf16 under autocast (cast
     as autocast would cast the conv's inputs)."""
-    if _CONV_RELU is None or x.device.type != "cpu" or torch.compiler.is_compiling() or _recorded(x, weight):
+    if _CONV_RELU is None or x.device.type != "cpu" or torch.compiler.is_compiling() or autograd_records(x, weight):
         return None
     if x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype not in (torch.float32, torch.bfloat16):
         return None  # e.g. float64, which autocast leaves alone
@@ -54,7 +54,7 @@ def residual_relu(out: Tensor, residual: Tensor) -> Tensor:
     """``relu(out + residual)``; written into ``out`` when autograd does not record it, in one pass on
     the CPU for float32/64 (ATen's fused add-ReLU kernel; oneDNN's convolution with a sum post-op was
     slower: 12.7 vs 8.4 ms for ResNet-50's res2 expansion at 800 px, AMD EPYC, 2 threads)."""
-    if _recorded(out, residual) or torch.compiler.is_compiling():
+    if autograd_records(out, residual) or torch.compiler.is_compiling():
         return F.relu_(out + residual)
     if out.device.type == "cpu" and out.dtype in (torch.float32, torch.float64) and residual.dtype == out.dtype:
         return torch.ops.aten._add_relu_(out, residual)
