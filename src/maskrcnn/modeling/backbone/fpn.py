@@ -19,9 +19,9 @@ def add_upsampled(lateral: Tensor, coarse: Tensor) -> Tensor:
     materialising the upsampled map: at P2 of an 800-px image those are 55 MB tensors (this and the
     add took ~9 ms per level on 2 AMD EPYC cores)."""
     n, c, h, w = lateral.shape
-    exactly_2x = (h, w) == (2 * coarse.shape[2], 2 * coarse.shape[3]) and coarse.shape[:2] == (n, c)
-    if exactly_2x and coarse.dtype == lateral.dtype and not autograd_records(lateral, coarse) \
-            and not torch.compiler.is_compiling():
+    # graph capture first: under export the sizes are symbols, and comparing them would specialise them
+    if not torch.compiler.is_compiling() and not autograd_records(lateral, coarse) and coarse.dtype == lateral.dtype \
+            and (h, w) == (2 * coarse.shape[2], 2 * coarse.shape[3]) and coarse.shape[:2] == (n, c):
         lateral.view(n, c, h // 2, 2, w // 2, 2).add_(coarse[:, :, :, None, :, None])
         return lateral
     return lateral + F.interpolate(coarse, size=(h, w), mode="nearest")
