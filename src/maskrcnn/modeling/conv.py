@@ -12,13 +12,21 @@ from maskrcnn.modeling.norm import FrozenBatchNorm2d
 # backend emits): one pass fewer over the map. Private to torch, so looked up once, unused if absent.
 _CONV_RELU = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None) \
     if torch.backends.mkldnn.is_available() else None
-_FUSED_DTYPES: tuple[torch.dtype, ...] = ()
-if _CONV_RELU is not None:
-    try:  # its bf16 kernels need AVX-512 (or AVX-NE-CONVERT) where ATen's convolution emulates
+
+
+def _fused_dtypes() -> tuple[torch.dtype, ...]:
+    """The dtypes ``_CONV_RELU`` runs natively here: bf16 kernels need AVX-512 (or AVX-NE-CONVERT),
+    where ATen's own convolution would emulate them."""
+    if _CONV_RELU is None:
+        return ()
+    try:
         bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         bf16 = False
-    _FUSED_DTYPES = (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
+    return (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
+
+
+_FUSED_DTYPES = _fused_dtypes()
 
 
 def autograd_records(*tensors: Tensor) -> bool:
@@ -36,18 +44,6 @@ def _aten_picks_onednn(x: Tensor, weight: Tensor, stride: tuple, dilation: tuple
             or torch.get_num_threads() > 1):
         return False
     return groups > 1 or (weight.shape[-1] > 3 and weight.shape[-2] > 3) or n > 1 or n * c * h * w > 20480
-
-
-def _fused_relu_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
-    """The dtype to run a conv+ReLU in as one oneDNN call, or None for the plain ops: CPU, no autograd
-    recording, no graph capture (export keeps the plain ops), float32, or bf16 under autocast (cast
-    as autocast would cast the conv's inputs)."""
-    if _CONV_RELU is None or x.device.type != "cpu" or torch.compiler.is_compiling() or autograd_records(x, weight):
-        return None
-    if x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype not in (torch.float32, torch.bfloat16):
-        return None  # e.g. float64, which autocast leaves alone
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-    return dtype if dtype in _FUSED_DTYPES else None
 
 
 def residual_relu(out: Tensor, residual: Tensor) -> Tensor:
@@ -88,9 +84,7 @@ class ConvNorm(nn.Conv2d):
         pass in place, with the same values: the separate passes over ResNet-50's largest maps (55 MB
         at 800 px) took ~12% of the backbone's time."""
         if isinstance(self.norm, FrozenBatchNorm2d):
-            scale, shift = self.norm.scale_and_shift()
-            weight = self.weight * scale.to(self.weight.dtype).reshape(-1, 1, 1, 1)
-            bias = shift.to(self.weight.dtype) if self.bias is None else shift + self.bias * scale
+            weight, bias = self._folded_weight_and_bias()
         elif self.norm is None:
             weight, bias = self.weight, self.bias
         else:  # a norm with batch statistics or groups: its own pass
@@ -102,14 +96,34 @@ class ConvNorm(nn.Conv2d):
             return residual_relu(self._conv_forward(x, weight, bias), residual)
         if not self.relu:
             return self._conv_forward(x, weight, bias)
-        dtype = _fused_relu_dtype(x, weight) if self.padding_mode == "zeros" and isinstance(self.padding, tuple) \
-            else None
-        if dtype == torch.float32 and not _aten_picks_onednn(x, weight, self.stride, self.dilation, self.groups):
-            dtype = None
+        dtype = self._fused_relu_dtype(x, weight)
         if dtype is None:
             return F.relu_(self._conv_forward(x, weight, bias))
         return _CONV_RELU(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), list(self.padding),
                           list(self.stride), list(self.dilation), self.groups, "relu", [], "")
+
+    def _folded_weight_and_bias(self) -> tuple[Tensor, Tensor]:
+        """The weight and bias with the frozen batch norm's affine map folded in."""
+        scale, shift = self.norm.scale_and_shift()
+        weight = self.weight * scale.to(self.weight.dtype).reshape(-1, 1, 1, 1)
+        bias = shift.to(self.weight.dtype) if self.bias is None else shift + self.bias * scale
+        return weight, bias
+
+    def _fused_relu_dtype(self, x: Tensor, weight: Tensor) -> torch.dtype | None:
+        """The dtype to run conv+ReLU in as one oneDNN call, or None for the plain ops. Fused only on
+        the CPU, without autograd recording or graph capture (export keeps the plain ops), with plain
+        zero padding, in float32 only where ATen's own convolution would run oneDNN (so values stay
+        bit-identical), in bf16 under autocast (cast as autocast casts the conv's inputs) where oneDNN
+        has bf16 kernels; float64, which autocast leaves alone, never."""
+        if (_CONV_RELU is None or self.padding_mode != "zeros" or not isinstance(self.padding, tuple)
+                or x.device.type != "cpu" or torch.compiler.is_compiling() or autograd_records(x, weight)):
+            return None
+        if x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        if dtype == torch.float32 and not _aten_picks_onednn(x, weight, self.stride, self.dilation, self.groups):
+            return None
+        return dtype if dtype in _FUSED_DTYPES else None
 
     @torch.no_grad()
     def fold_frozen_norm(self) -> None:
@@ -118,9 +132,7 @@ class ConvNorm(nn.Conv2d):
         the fold then costs nothing per call. The norm's buffers leave the state dict."""
         if not isinstance(self.norm, FrozenBatchNorm2d):
             return
-        scale, shift = self.norm.scale_and_shift()
-        weight = self.weight * scale.to(self.weight.dtype).reshape(-1, 1, 1, 1)
-        bias = shift.to(self.weight.dtype) if self.bias is None else shift + self.bias * scale
+        weight, bias = self._folded_weight_and_bias()
         self.weight = nn.Parameter(weight, requires_grad=self.weight.requires_grad)
         self.bias = nn.Parameter(bias, requires_grad=self.weight.requires_grad)
         self.norm = None
