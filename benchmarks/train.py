@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+BENCH_DIR = str(REPO / "benchmarks")  # for the processes below to import timing.py
 sys.path.insert(0, str(REPO / "tests"))
 from reference import run_reference  # noqa: E402
 
@@ -43,7 +44,9 @@ seconds = statistics.median(times[1:])
 """
 
 TORCHVISION = """
-import contextlib, resource, statistics, time
+import contextlib, statistics, sys, time
+sys.path.insert(0, inputs["bench_dir"])
+from timing import peak_rss_mb
 from torchvision.models import resnet50
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
@@ -58,17 +61,19 @@ STEP_COUNT, IMAGES, TARGETS = inputs["steps"], inputs["images"], inputs["targets
 PRECISION = contextlib.nullcontext()
 """ + STEPS + """
 outputs["seconds"] = seconds
-outputs["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+outputs["rss_mb"] = peak_rss_mb()
 """
 
 OURS = """
-import json, resource, statistics, sys, time
+import json, statistics, sys, time
 import torch
 import maskrcnn
 from maskrcnn.interop.torchvision import load_torchvision_detection
 from maskrcnn.structures.precision import network_precision
 from maskrcnn._malloc import keep_freed_memory
 args = json.loads(sys.argv[1])
+sys.path.insert(0, args["bench_dir"])
+from timing import peak_rss_mb
 torch.set_num_threads(args["threads"])
 keep_freed_memory()  # as train() and the command line do
 size = args["size"]
@@ -79,7 +84,7 @@ data = torch.load(args["data"])
 STEP_COUNT, IMAGES, TARGETS = args["steps"], data["images"], data["targets"]
 PRECISION = network_precision(torch.device("cpu"), args["amp"], "solver.amp")
 """ + STEPS + """
-print(json.dumps({"seconds": seconds, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({"seconds": seconds, "rss_mb": peak_rss_mb()}))
 """
 
 
@@ -113,12 +118,12 @@ def main() -> None:
         weights, data = Path(tmp, "w.pth"), Path(tmp, "data.pt")
         torch.save({"images": images, "targets": targets}, data)
         tv = run_reference(TORCHVISION, dict(images=images, targets=targets, size=args.size, steps=args.steps,
-                                             weights=str(weights)), threads=args.threads, timeout=3600)
+                                             weights=str(weights), bench_dir=BENCH_DIR), threads=args.threads, timeout=3600)
         rows = {}
         for amp in [""] + ([] if args.no_bf16 else ["bf16"]):
             proc = subprocess.run([sys.executable, "-c", OURS, json.dumps(dict(
                 threads=args.threads, steps=args.steps, weights=str(weights), data=str(data), size=args.size,
-                amp=amp))], capture_output=True, text=True)
+                amp=amp, bench_dir=BENCH_DIR))], capture_output=True, text=True)
             if proc.returncode:
                 raise SystemExit(proc.stderr)
             rows["ours, bf16" if amp else "ours"] = json.loads(proc.stdout.strip().splitlines()[-1])

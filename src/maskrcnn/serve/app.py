@@ -16,7 +16,6 @@ the model is a 500 for the requests of that call only, and the service goes on.
 # no "from __future__ import annotations": FastAPI reads the endpoints' annotations (Request, Query)
 # at run time, and those types are imported inside create_app (the extra is optional)
 import asyncio
-import json
 import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
@@ -77,6 +76,13 @@ async def _discard(receive, budget: int) -> None:
             return
 
 
+def _too_large(limit: int, limit_mb: float, size: int | None = None, name: str = "the upload") -> ApiError:
+    """The 413 for an upload over the limit, in one wording wherever the limit is found crossed; sizes
+    in bytes, since a body one byte over would otherwise read "1.0 MB, more than the 1 MB allowed"."""
+    told = f" is {size:,} bytes," if size is not None else " is"
+    return ApiError(413, f"{name}{told} more than the {limit_mb:g} MiB ({limit:,} bytes) allowed")
+
+
 class BodyLimit:
     """ASGI middleware: a request body larger than ``limit`` bytes is refused with 413, by its
     Content-Length, and while it streams in otherwise (a chunked upload declares no length). A body
@@ -93,12 +99,10 @@ class BodyLimit:
         if length.isdigit() and int(length) > self.limit:
             if int(length) <= self.limit * DRAIN_FACTOR:
                 await _discard(receive, int(length))
-            body = json.dumps({"error": f"the upload is {int(length) / 2**20:.1f} MB, more than the "
-                                        f"{self.limit_mb:g} MB allowed"}).encode()
-            await send({"type": "http.response.start", "status": 413,
-                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
-            return
+            from starlette.responses import JSONResponse  # the encoding of the app's other errors
+
+            error = _too_large(self.limit, self.limit_mb, int(length))
+            return await JSONResponse({"error": str(error)}, status_code=error.status)(scope, receive, send)
         received = 0
 
         async def counted():
@@ -109,7 +113,7 @@ class BodyLimit:
                 if received > self.limit:  # raised where the endpoint reads: an ApiError, answered as one
                     if message.get("more_body", False):
                         await _discard(receive, self.limit * (DRAIN_FACTOR - 1))
-                    raise ApiError(413, f"the upload is more than the {self.limit_mb:g} MB allowed")
+                    raise _too_large(self.limit, self.limit_mb)
             return message
 
         await self.app(scope, counted, send)
@@ -233,7 +237,7 @@ def create_app(predictor, weights: str = "model", runtime: str | None = None,
             for k, f in enumerate(files):
                 data = await f.read(s.max_upload_bytes + 1)
                 if len(data) > s.max_upload_bytes:
-                    raise ApiError(413, f"{f.filename or 'the upload'} is more than {s.max_upload_mb:g} MB")
+                    raise _too_large(s.max_upload_bytes, s.max_upload_mb, name=f.filename or "the upload")
                 out.append((f.filename or f"image{k}", data))
             return out
         if ctype.startswith("image/") or ctype.startswith("application/octet-stream"):
