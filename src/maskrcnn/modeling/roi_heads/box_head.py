@@ -104,12 +104,14 @@ def box_losses(class_logits: Tensor, deltas: Tensor, labels: Tensor, target_delt
     ``labels: (R,)`` 0 = background; ``target_deltas: (R, 4)`` (rows of background RoIs are unused).
     """
     class_logits, deltas = to_geometry(class_logits), to_geometry(deltas)
-    loss_cls = F.cross_entropy(class_logits, labels)
+    # no RoI at all when every proposal of the batch was ignored (inside crowd regions): zero losses
+    # that keep the graph, not the mean over nothing (NaN) that would poison the weights
+    loss_cls = F.cross_entropy(class_logits, labels) if labels.numel() else class_logits.sum() * 0.0
     fg = torch.nonzero(labels > 0)[:, 0]
     if deltas.shape[1] == 4:
         fg_deltas = deltas[fg]
     else:
-        fg_deltas = deltas.reshape(deltas.shape[0], -1, 4)[fg, labels[fg]]
+        fg_deltas = deltas.reshape(deltas.shape[0], deltas.shape[1] // 4, 4)[fg, labels[fg]]
     loss_box = box_regression_loss(fg_deltas, target_deltas[fg], smooth_l1_beta) / max(labels.numel(), 1)
     return {"loss_cls": loss_cls, "loss_box_reg": loss_box}
 
