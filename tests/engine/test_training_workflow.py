@@ -55,6 +55,15 @@ def test_tracked_key(overrides, key):
     assert tracked_key(maskrcnn.get_config("shapes_R_18_FPN", overrides)) == key
 
 
+@pytest.mark.parametrize("preset, key", [
+    ("keypoint_rcnn_R_50_FPN", "keypoints/AP"),      # keypoints without masks: keypoint AP
+    ("shapes_keypoint_R_18_FPN", "segm/AP"),         # keypoints and masks: masks first
+    ("faster_rcnn_R_50_FPN", "bbox/AP"),
+])
+def test_tracked_key_of_keypoint_and_box_only_models(preset, key):
+    assert tracked_key(maskrcnn.get_config(preset)) == key
+
+
 @pytest.mark.parametrize("overrides, phrase", [
     (["model.mask_on=false", "train.best_metric=segm/AP"], "model.mask_on is false"),
     (["train.best_metric=keypoints/AP"], "model.keypoint_on is false"),

@@ -293,3 +293,18 @@ def test_export_of_a_detectron2_checkpoint_reproduces_detectron2(tmp_path):
     from maskrcnn.structures.masks import decode_rle
     masks = decode_rle(ref["masks_rle"], *image.shape[1:]).bool()
     assert (got["masks"][:, 0] == masks).float().mean() >= 0.999
+
+
+@pytest.mark.parametrize("pooler", ["ROIPool", "ROIWarp"])
+def test_export_refuses_the_ablation_poolers_by_name(pooler):
+    # the exported graph pools with RoIAlign only: a model of the paper's RoIPool/RoIWarp ablations is
+    # refused before tracing, with the setting to change, rather than exported with the wrong pooling
+    from maskrcnn import build_model
+    from maskrcnn.export.exporter import export_program
+    from maskrcnn.export.graph import UnsupportedExport
+    from tests.tiny import tiny_config
+
+    model = build_model(tiny_config(extra=[f"model.box_head.pooler_type={pooler}",
+                                           f"model.mask_head.pooler_type={pooler}"])).eval()
+    with pytest.raises(UnsupportedExport, match=f"not {pooler} \\(model\\.\\*_head\\.pooler_type\\)"):
+        export_program(model)

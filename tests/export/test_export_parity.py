@@ -32,8 +32,9 @@ C4_TINY = ["model.backbone.depth=18", "model.backbone.freeze_at=0", "model.backb
 # preset, overrides, and a score threshold under which the random-weight model finds nothing on a
 # uniform grey image but something on (most of) the textured test images
 FAMILIES = {
-    # torchvision conventions (floor resize, unaligned RoIAlign, 2x2 samples), masks and keypoints together
-    "mask_keypoint": ("keypoint_rcnn_R_50_FPN", TINY + ["model.mask_on=true", "model.keypoint_head.conv_dims=[32, 32]",
+    # torchvision conventions (its resize and anchors, unaligned RoIAlign with 2x2 samples, its mask
+    # pasting and keypoint pixel convention), masks and keypoints together
+    "mask_keypoint": ("torchvision_keypointrcnn_resnet50_fpn", TINY + ["model.mask_on=true", "model.keypoint_head.conv_dims=[32, 32]",
                                                         "model.roi_heads.score_thresh=0.36"]),
     # detectron2 conventions (rounded antialiased resize, aligned adaptive RoIAlign, empty boxes dropped)
     "cascade": ("detectron2_cascade_mask_rcnn_R_50_FPN_3x", TINY + ["model.roi_heads.score_thresh=0.57"]),
