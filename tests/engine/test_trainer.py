@@ -245,3 +245,27 @@ def test_a_refused_config_leaves_no_config_yaml(tmp_path, extra, message):
     with pytest.raises(ValueError, match=message):
         train(cfg, progress=False)
     assert not (tmp_path / "train" / "config.yaml").exists()
+
+
+def test_sync_bn_is_plain_batch_norm_in_one_process_and_refused_across_cpu_processes():
+    from maskrcnn.engine.trainer import DistInfo, _sync_bn_for
+    from tiny import tiny_config
+
+    def model():
+        torch.manual_seed(0)
+        return build_model(tiny_config(extra=["model.backbone.norm=SyncBN", "model.fpn.norm=SyncBN"]))
+
+    syncs = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model().modules())
+    assert syncs > 20
+    # one process: each becomes a BatchNorm2d with the same state (torch's SyncBatchNorm needs a group)
+    one = _sync_bn_for(model(), DistInfo(), torch.device("cpu"))
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in one.modules())
+    assert sum(type(m) is torch.nn.BatchNorm2d for m in one.modules()) == syncs
+    assert one.state_dict().keys() == model().state_dict().keys()
+    # several processes on the CPU (torchrun with Gloo): torch syncs on GPUs only, and its forward would
+    # raise inside the first step; refused at once, with what to use instead
+    with pytest.raises(ValueError, match="SyncBN .* GPUs only.* use BN .* or GN"):
+        _sync_bn_for(model(), DistInfo(rank=0, world_size=2), torch.device("cpu"))
+    # on GPUs it stays synchronised (the device is only compared, nothing is moved)
+    kept = _sync_bn_for(model(), DistInfo(rank=0, world_size=2), torch.device("cuda", 0))
+    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in kept.modules()) == syncs

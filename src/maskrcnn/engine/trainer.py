@@ -146,9 +146,14 @@ def apply_training_parts(model: nn.Module, cfg: Config, device: torch.device) ->
     return frozen
 
 
-def _sync_bn_for(model: nn.Module, info: DistInfo) -> nn.Module:
-    """SyncBatchNorm needs a process group; with one process it is plain batch norm."""
+def _sync_bn_for(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
+    """SyncBatchNorm needs a process group; with one process it is plain batch norm. Across processes
+    torch synchronises it on GPUs only (on CPUs its forward raises deep in the first step)."""
     if info.world_size > 1:
+        if device.type == "cpu" and any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
+            raise ValueError("norm=SyncBN synchronises batch statistics across processes on GPUs only (torch's "
+                             "SyncBatchNorm), and these processes run on the CPU: use BN (statistics per process) "
+                             "or GN in model.*.norm")
         return model
     for name, child in list(model.named_children()):
         if isinstance(child, nn.SyncBatchNorm):
@@ -156,7 +161,7 @@ def _sync_bn_for(model: nn.Module, info: DistInfo) -> nn.Module:
             bn.load_state_dict(child.state_dict())
             setattr(model, name, bn)
         else:
-            _sync_bn_for(child, info)
+            _sync_bn_for(child, info, device)
     return model
 
 
@@ -381,7 +386,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, overwrite: b
     val_set = build_val_dataset(cfg, paths, class_map)
 
     torch.manual_seed(derive_seed(cfg.train.seed))
-    model = _sync_bn_for(build_model(cfg), info).to(device)
+    model = _sync_bn_for(build_model(cfg), info, device).to(device)
     start_iter = 0
     ckpt = last_checkpoint(out_dir) if resume else None
     if resume and ckpt is None and info.main:
