@@ -126,6 +126,38 @@ def server(tmp_path_factory):
     proc.wait(timeout=30)
 
 
+def test_a_port_in_use_fails_before_the_model_loads_and_port_0_picks_one(server, tmp_path, capsys):
+    from maskrcnn.cli import main
+
+    port = int(server["base"].rsplit(":", 1)[1])
+    # the running server holds the port; the weights named do not even exist, so failing on the port
+    # (and not on the file) shows that the port is taken before the model is loaded
+    assert main(["serve", "--weights", str(tmp_path / "absent.pth"), "--port", str(port)]) != 0
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "absent.pth" not in err and "Traceback" not in err
+    # --port 0: the system picks a free port and the first line printed says which
+    proc = subprocess.Popen([sys.executable, "-m", "maskrcnn", "serve", "--weights", str(server["root"] / "tiny.pth"),
+                             "--port", "0", "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving ") and "http://127.0.0.1:" in line, line
+        base = line.split("at ", 1)[1].split("/ ", 1)[0]
+        assert int(base.rsplit(":", 1)[1]) not in (0, port)
+        deadline = time.time() + 60
+        while True:
+            try:
+                status, health = _request(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline and proc.poll() is None, "the port-0 server did not answer"
+                time.sleep(0.3)
+        assert status == 200 and health["status"] == "ok"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def test_missing_extra_names_the_pip_line(tmp_path, capsys, monkeypatch):
     from maskrcnn.cli import main
 
