@@ -98,3 +98,26 @@ def test_mismatches_are_clear_errors():
     missing.pop("roi_heads.mask_head.deconv.weight")
     with pytest.raises(ValueError, match="missing keys: roi_heads.mask_head.deconv.weight"):
         load_detectron2(maskrcnn.build_model(maskrcnn.get_config(spec["preset"], spec["overrides"])), missing)
+
+
+def test_a_detectron2_trained_pth_loads_as_its_zoo_pkl(tmp_path):
+    # what detectron2's Checkpointer writes during training: torch.save of the model's tensors under
+    # "model" beside the optimizer, scheduler and iteration; the same weights must give the same model
+    name = "mask_rcnn_R_50_FPN"
+    state = read_detectron2_checkpoint(FIXTURES / f"{name}.pkl")
+    first = next(iter(state))
+    trained = {"model": {k: v.clone() for k, v in state.items()},
+               "optimizer": {"state": {}, "param_groups": [{"lr": 0.02, "momentum": 0.9, "params": [0, 1]}]},
+               "scheduler": {"base_lrs": [0.02], "last_epoch": 90000}, "iteration": 89999}
+    torch.save(trained, tmp_path / "model_final.pth")
+    assert set(read_detectron2_checkpoint(tmp_path / "model_final.pth")) == set(state)
+    from_pkl = _model(name).state_dict()
+    spec = json.loads((FIXTURES / f"{name}.json").read_text())
+    model = maskrcnn.build_model(maskrcnn.get_config(spec["preset"], spec["overrides"]))
+    load_detectron2(model, tmp_path / "model_final.pth")
+    from_pth = model.double().state_dict()
+    assert from_pth.keys() == from_pkl.keys()
+    assert all(torch.equal(from_pth[k], from_pkl[k]) for k in from_pkl)
+    # a .pth of the weights alone (no "model" key), as some users save them, loads too
+    torch.save({k: v.clone() for k, v in state.items()}, tmp_path / "weights_only.pth")
+    assert torch.equal(read_detectron2_checkpoint(tmp_path / "weights_only.pth")[first], state[first])
