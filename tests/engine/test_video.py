@@ -178,3 +178,47 @@ def test_names_collisions_and_inputs_never_overwritten(setup, capsys):
                  str(setup / "x")])
     assert code != 0 and "would overwrite the input" in capsys.readouterr().err
     assert (setup / "x" / "photo.png").read_bytes() == before
+
+
+def test_a_variable_rate_source_with_sound(setup):
+    """Frames at irregular times (a phone's variable frame rate) and an audio track: the JSON keeps
+    each frame's own time, the video is written at a constant rate (the source's average) with every
+    frame once, and without the sound."""
+    from fractions import Fraction
+
+    path = setup / "vfr.mkv"
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("libx264", rate=10)
+        video.width, video.height, video.pix_fmt = 160, 120, "yuv420p"
+        video.time_base = Fraction(1, 1000)
+        sound = out.add_stream("aac", rate=16000)
+        for k, t in enumerate([0, 100, 200, 400, 500, 900, 1000, 1300]):  # milliseconds
+            img = np.full((120, 160, 3), 30, np.uint8)
+            img[20:50, 10 + 5 * k:40 + 5 * k] = (230, 60, 60)
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts, frame.time_base = t, Fraction(1, 1000)
+            for packet in video.encode(frame):
+                out.mux(packet)
+        for packet in video.encode(None):
+            out.mux(packet)
+        tone = av.AudioFrame.from_ndarray((np.sin(np.arange(22400) / 10) * 0.3).astype(np.float32)[None],
+                                          format="fltp", layout="mono")
+        tone.sample_rate, tone.pts = 16000, 0
+        for packet in [*sound.encode(tone), *sound.encode(None)]:
+            out.mux(packet)
+    with av.open(str(path)) as c:
+        assert [st.type for st in c.streams] == ["video", "audio"]
+        source_times = [f.time for f in c.decode(video=0)]
+    assert len(set(np.round(np.diff(source_times), 3))) > 1, "the source should have irregular frame times"
+
+    out = setup / "vfr_out"
+    assert main(["predict", str(path), "--weights", str(setup / "tiny.pth"), "--output", str(out),
+                 "--no-progress"]) == 0
+    lines = [json.loads(line) for line in (out / "vfr.jsonl").read_text().splitlines()]
+    assert np.allclose([line["time"] for line in lines], source_times)
+    with av.open(str(out / "vfr.mp4")) as c:
+        assert [st.type for st in c.streams] == ["video"]  # no sound
+        assert c.streams.video[0].average_rate == 10
+        written = [f.time for f in c.decode(video=0)]
+    assert len(written) == len(source_times)
+    assert np.allclose(np.diff(written), 0.1)  # one frame every 1/10 s: a constant rate
