@@ -222,3 +222,30 @@ def test_a_variable_rate_source_with_sound(setup):
         written = [f.time for f in c.decode(video=0)]
     assert len(written) == len(source_times)
     assert np.allclose(np.diff(written), 0.1)  # one frame every 1/10 s: a constant rate
+
+
+def test_a_stream_whose_frame_size_changes(setup, capsys):
+    """Two H.264 transport streams of different sizes back to back (as a camera that switches
+    resolution sends them): a warning, and a video of every frame at the first size."""
+    def part(h: int, w: int) -> bytes:
+        path = setup / f"part_{w}x{h}.ts"
+        with av.open(str(path), "w", format="mpegts") as out:
+            s = out.add_stream("libx264", rate=10)
+            s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+            for k in range(3):
+                frame = av.VideoFrame.from_ndarray(np.full((h, w, 3), 40 + 20 * k, np.uint8), format="rgb24")
+                for packet in s.encode(frame):
+                    out.mux(packet)
+            for packet in s.encode(None):
+                out.mux(packet)
+        return path.read_bytes()
+
+    (setup / "switch.ts").write_bytes(part(120, 160) + part(96, 128))
+    assert [f.shape[:2] for f in _frames(setup / "switch.ts")] == [(120, 160)] * 3 + [(96, 128)] * 3
+    out = setup / "switch_out"
+    assert main(["predict", str(setup / "switch.ts"), "--weights", str(setup / "tiny.pth"), "--output", str(out),
+                 "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "the frame size changes at frame 3 (160x120 -> 128x96)" in err, err
+    assert len((out / "switch.jsonl").read_text().splitlines()) == 6
+    assert [f.shape[:2] for f in _frames(out / "switch.mp4")] == [(120, 160)] * 6
