@@ -249,3 +249,29 @@ def test_a_stream_whose_frame_size_changes(setup, capsys):
     assert "the frame size changes at frame 3 (160x120 -> 128x96)" in err, err
     assert len((out / "switch.jsonl").read_text().splitlines()) == 6
     assert [f.shape[:2] for f in _frames(out / "switch.mp4")] == [(120, 160)] * 6
+
+
+def test_ctrl_c_keeps_a_playable_video_and_the_lines_so_far(setup):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    _write_video(setup / "long.mp4", 400, 120, 160)
+    out = setup / "long_out"
+    proc = subprocess.Popen([sys.executable, "-m", "maskrcnn", "predict", str(setup / "long.mp4"), "--weights",
+                             str(setup / "tiny.pth"), "--output", str(out), "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    partial = out / "long.tmp.jsonl"
+    deadline = time.time() + 120
+    while not (partial.is_file() and len(partial.read_text().splitlines()) >= 5):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in stdout and "Traceback" not in stderr, (stdout, stderr)
+    lines = (out / "long.jsonl").read_text().splitlines()
+    drawn = _frames(out / "long.mp4")  # decodes: the file was closed properly
+    assert 5 <= len(lines) < 400 and len(drawn) == len(lines)
+    assert not list(out.glob("*.tmp.*"))
