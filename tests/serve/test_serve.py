@@ -135,9 +135,10 @@ def test_a_port_in_use_fails_before_the_model_loads_and_port_0_picks_one(server,
     assert main(["serve", "--weights", str(tmp_path / "absent.pth"), "--port", str(port)]) != 0
     err = capsys.readouterr().err
     assert f"cannot listen on 127.0.0.1:{port}" in err and "absent.pth" not in err and "Traceback" not in err
-    # --port 0: the system picks a free port and the first line printed says which
+    # --port 0: the system picks a free port and the first line printed says which (and --fast serves
+    # the bf16 model, as predict --fast runs it)
     proc = subprocess.Popen([sys.executable, "-m", "maskrcnn", "serve", "--weights", str(server["root"] / "tiny.pth"),
-                             "--port", "0", "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             "--port", "0", "--device", "cpu", "--fast"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         line = proc.stdout.readline()
@@ -153,6 +154,9 @@ def test_a_port_in_use_fails_before_the_model_loads_and_port_0_picks_one(server,
                 assert time.time() < deadline and proc.poll() is None, "the port-0 server did not answer"
                 time.sleep(0.3)
         assert status == 200 and health["status"] == "ok"
+        assert _request(f"{base}/model")[1]["model"]["precision"] == "bf16"
+        status, answer = _post_images(base, [("a.png", _png(_scene(64, 64, 4)))])
+        assert status == 200 and answer["images"][0]["width"] == 64
     finally:
         proc.terminate()
         proc.wait(timeout=30)
