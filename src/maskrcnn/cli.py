@@ -459,6 +459,9 @@ def _cmd_eval(args) -> int:
             if "val" not in paths:
                 raise ValueError("no dataset: pass --dataset (and --images)")
             json_path, images = paths["val"]
+            if not Path(json_path).is_file():  # e.g. a relative path, and the checkpoint moved or run elsewhere
+                raise FileNotFoundError(f"{json_path}, the validation set named in the config of {args.weights}, is "
+                                        f"not there (from {Path.cwd()}): pass --dataset (and --images)")
         _check_eval_classes(pred.class_map, Path(json_path), args.allow_class_mismatch)
         dataset = CocoDataset(json_path, images, class_map=pred.class_map, on_bad_sample=cfg.data.on_bad_sample,
                               keypoint_convention=cfg.model.keypoint_head.pixel_convention)
@@ -470,7 +473,7 @@ def _cmd_eval(args) -> int:
         if info.main:
             print(format_metrics(metrics))
             if args.analyze:
-                write_analysis(json_path, Path(args.output), pred.class_map, metrics)
+                write_analysis(dataset.evaluation_ground_truth(), Path(args.output), pred.class_map, metrics)
             print(f"results: {Path(args.output).resolve()}")
     finally:
         if info.world_size > 1 and dist.is_initialized():

@@ -157,6 +157,19 @@ def test_bad_annotations_are_skipped_and_reported_or_raised(coco, corrupt, messa
         CocoDataset(path, path.parent, on_bad_sample="error")
 
 
+def test_skipped_samples_file_lists_each_problem_once(coco, tmp_path):
+    from maskrcnn.data.coco import SKIPPED_FILE, write_skipped
+
+    path, data = coco
+    BAD[1][0](data)  # an unknown category id
+    path.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match="list all of them in skipped_samples.txt"):
+        ds = CocoDataset(path, path.parent)
+    write_skipped([ds, None, ds], tmp_path)  # the same file for training and validation
+    lines = (tmp_path / SKIPPED_FILE).read_text().splitlines()
+    assert lines == [f"{path}: annotation 9: unknown category_id 5"]
+
+
 def test_self_intersecting_polygon_is_kept_and_reported(coco):
     path, data = coco
     data["annotations"].append({"id": 9, "image_id": 1, "category_id": 12, "bbox": [0, 0, 10, 10],

@@ -162,3 +162,18 @@ def test_the_evaluation_bar_stays_out_of_logs(val_set, capsys):
         warnings.simplefilter("ignore")
         evaluate_model(BoxPerSize({(h, w): box for _, _, h, w, box in IMAGES}), dataset, progress=True)  # not a tty
     assert "evaluating" not in capsys.readouterr().err
+
+
+def test_a_validation_set_the_checkpoint_names_but_cannot_be_found(checkpoint, tmp_path, capsys, monkeypatch):
+    # a config with relative data paths, evaluated from another folder (or on another machine): the
+    # error says where the path came from and what to pass instead
+    state = torch.load(checkpoint, weights_only=False)
+    state["config"]["data"].update(train_json="data/train.json", val_json="data/val.json",
+                                   train_images="data/train", val_images="data/val")
+    moved = tmp_path / "moved.pth"
+    torch.save(state, moved)
+    monkeypatch.chdir(tmp_path)
+    assert main([*EVAL, "--weights", str(moved), "--output", str(tmp_path / "out")]) != 0
+    err = capsys.readouterr().err
+    assert "data/val.json, the validation set named in the config of" in err and "pass --dataset" in err, err
+    assert "Traceback" not in err

@@ -50,7 +50,8 @@ SKIPPED_FILE = "skipped_samples.txt"
 
 def write_skipped(datasets: Sequence[CocoDataset | None], out_dir: Path) -> None:
     """One line per skipped annotation/image of ``datasets`` (prefixed by its file) in ``out_dir``; none if none."""
-    lines = [f"{d.json_path}: {r}" for d in datasets if d is not None for r in d.report]
+    # (a file used for training and validation both is listed once)
+    lines = list(dict.fromkeys(f"{d.json_path}: {r}" for d in datasets if d is not None for r in d.report))
     if lines:
         (Path(out_dir) / SKIPPED_FILE).write_text("\n".join(lines) + "\n")
 
@@ -139,6 +140,11 @@ class CocoDataset(Dataset):
         self.train, self.on_bad_sample, self.mask_format = train, on_bad_sample, mask_format
         self.flip_prob, self.flip_map = flip_prob, flip_map
         self.report: list[str] = []
+        # positions in the file's annotation list: those left out (reported), and crowd regions whose
+        # segmentation is missing or unusable (their box stands for them): evaluation must see the
+        # same ground truth as training and the report (evaluation_ground_truth)
+        self._left_out: set[int] = set()
+        self._crowd_as_box: set[int] = set()
         data = self._read_json()
         self.num_annotations = len(data.get("annotations") or [])
         if train and not data.get("annotations"):
@@ -168,8 +174,8 @@ class CocoDataset(Dataset):
                                + (f" ({len(self.report)} problems: {self.report[:3]})" if self.report else ""))
         if self.report:
             warnings.warn(f"{self.json_path}: skipped {len(self.report)} bad annotations/images, e.g. "
-                          f"{self.report[:3]} (all of them: dataset.report; train and eval write {SKIPPED_FILE} to their "
-                          f"output folder)", stacklevel=2)
+                          f"{self.report[:3]} (train and eval list all of them in {SKIPPED_FILE} in their output folder; "
+                          f"in Python: dataset.report)", stacklevel=2)
 
     # -- reading -------------------------------------------------------------------------------------
     def _read_json(self) -> dict:
@@ -218,8 +224,9 @@ class CocoDataset(Dataset):
                 self._bad(f"image {rec.image_id}: file not found: {rec.path}")
                 continue
             records[rec.image_id] = rec
-        for ann in data.get("annotations", []):
-            self._add_annotation(ann, records)
+        for index, ann in enumerate(data.get("annotations", [])):
+            if not self._add_annotation(ann, records, index):
+                self._left_out.add(index)
         return [r for r in records.values() if keep_empty or r.boxes]
 
     def _duplicate_image_ids(self, data: dict) -> set[int]:
@@ -242,45 +249,54 @@ class CocoDataset(Dataset):
                       f"annotations of that id, which cannot be attributed to one of them")
         return duplicated
 
-    def _add_annotation(self, ann: dict, records: dict[int, ImageRecord]) -> None:
+    def _add_annotation(self, ann: dict, records: dict[int, ImageRecord], index: int) -> bool:
+        """Add the ``index``-th annotation of the file to its image's record; False if it is left out."""
         if not isinstance(ann, dict):
             self._bad(f"annotation {ann!r} is not an object")
-            return
+            return False
         aid = ann.get("id", "?")
         rec = records.get(ann.get("image_id"))  # type: ignore[arg-type]
         if rec is None:
             if ann.get("image_id") not in self._all_image_ids:
                 self._bad(f"annotation {aid}: unknown image_id {ann.get('image_id')!r}")
-            return  # (its image was skipped and reported already)
+            return False  # (its image was skipped and reported already)
         if ann.get("category_id") not in self.class_map:
             self._bad(f"annotation {aid}: unknown category_id {ann.get('category_id')!r}")
-            return
+            return False
         try:
             x, y, w, h = (float(v) for v in ann["bbox"])
         except (KeyError, TypeError, ValueError):
             self._bad(f"annotation {aid}: 'bbox' must be [x, y, width, height], got {ann.get('bbox')!r}")
-            return
+            return False
         if not all(np.isfinite([x, y, w, h])) or w <= 0 or h <= 0:
             self._bad(f"annotation {aid}: box {[x, y, w, h]} has no area or is not finite")
-            return
+            return False
         box = [max(x, 0.0), max(y, 0.0), min(x + w, float(rec.width)), min(y + h, float(rec.height))]
         if box[2] <= box[0] or box[3] <= box[1]:
-            self._bad(f"annotation {aid}: box {[x, y, w, h]} lies outside its {rec.width}x{rec.height} image")
-            return
+            self._bad(f"annotation {aid}: box {[x, y, w, h]} lies outside its {rec.width}x{rec.height} image (the "
+                      f"size its image entry gives: are width and height swapped?)")
+            return False
+        seg, problem = self._segmentation(ann, rec)
         if ann.get("iscrowd", 0):
+            # training uses a crowd region's box only; mask evaluation needs a region, so one without
+            # a usable segmentation (a box-only crowd, an RLE of another size) is scored as its box
+            if problem is not None:
+                self.report.append(f"annotation {aid}: crowd region with {problem}: its box stands for it")
+                self._crowd_as_box.add(index)
             rec.crowd_boxes.append(box)
-            return
-        seg = self._segmentation(ann, rec)
-        if seg is None:
-            return
+            return True
+        if problem is not None:
+            self._bad(f"annotation {aid}: {problem}")
+            return False
         if self.num_keypoints:
             kp = self._keypoints(ann)
             if kp is None:
-                return
+                return False
             rec.keypoints.append(kp)
         rec.boxes.append(box)
         rec.labels.append(self.class_map.label(ann["category_id"]))
         rec.segmentations.append(seg)
+        return True
 
     def _keypoints(self, ann: dict) -> list[float] | None:
         k = self.num_keypoints
@@ -297,18 +313,16 @@ class CocoDataset(Dataset):
             return None
         return arr.tolist()
 
-    def _segmentation(self, ann: dict, rec: ImageRecord):
+    def _segmentation(self, ann: dict, rec: ImageRecord) -> tuple[object | None, str | None]:
+        """The annotation's usable segmentation (RLE or polygon rings), or what is wrong with it."""
         aid = ann.get("id", "?")
         seg = ann.get("segmentation")
         if isinstance(seg, dict):
             if list(seg.get("size", [])) != [rec.height, rec.width] or "counts" not in seg:
-                self._bad(f"annotation {aid}: RLE size {seg.get('size')} does not match its image "
-                          f"({rec.height}, {rec.width})")
-                return None
-            return seg
+                return None, f"RLE size {seg.get('size')} does not match its image ({rec.height}, {rec.width})"
+            return seg, None
         if not isinstance(seg, list) or not seg:
-            self._bad(f"annotation {aid}: missing segmentation")
-            return None
+            return None, "missing segmentation"
         rings = []
         for ring in seg:
             try:
@@ -327,9 +341,27 @@ class CocoDataset(Dataset):
                 self.report.append(f"annotation {aid}: self-intersecting polygon (kept, even-odd fill)")
             rings.append(arr.tolist())
         if not rings:
-            self._bad(f"annotation {aid}: no polygon with 3 or more points and a non-zero area")
-            return None
-        return rings
+            return None, "no polygon with 3 or more points and a non-zero area"
+        return rings, None
+
+    def evaluation_ground_truth(self) -> dict:
+        """The annotation file as COCO evaluation should score against it: without the annotations this
+        dataset left out (each is in ``report``), crowd regions without a usable segmentation given
+        their box as one, and annotation ids made unique where the file's are missing or repeated
+        (pycocotools indexes by id: a repeated one silently replaced the other)."""
+        data = self._read_json()
+        anns = []
+        for index, ann in enumerate(data.get("annotations", [])):
+            if index in self._left_out:
+                continue
+            if index in self._crowd_as_box:
+                x, y, w, h = (float(v) for v in ann["bbox"])
+                ann = dict(ann, segmentation=[[x, y, x + w, y, x + w, y + h, x, y + h]])
+            anns.append(ann)
+        ids = [a.get("id") for a in anns]
+        if any(not isinstance(i, int) for i in ids) or len(set(ids)) != len(ids):
+            anns = [dict(a, id=k + 1) for k, a in enumerate(anns)]
+        return dict(data, annotations=anns)
 
     # -- access --------------------------------------------------------------------------------------
     def require_ground_truth(self) -> None:
@@ -337,6 +369,11 @@ class CocoDataset(Dataset):
         if not self.num_annotations:
             raise DatasetError(f"{self.json_path}: no annotations to score against ('annotations' is missing or "
                                f"empty); `maskrcnn predict` runs a model on images without ground truth")
+        if not any(r.boxes for r in self.records):  # COCO AP is undefined (-100, nan) without one object
+            why = (f"{len(self.report)} problems, e.g. {self.report[:3]}" if self.report
+                   else "all of them are crowd regions")
+            raise DatasetError(f"{self.json_path}: no object to score against among its {self.num_annotations} "
+                               f"annotations ({why})")
 
     def __len__(self) -> int:
         return len(self.records)

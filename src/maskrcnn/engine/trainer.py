@@ -610,8 +610,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, overwrite: b
         if metrics:
             print(format_metrics(metrics))
             if cfg.train.analyze_at_end:
-                result["analysis"] = str(write_analysis(val_set.json_path, out_dir / "inference", class_map, metrics,
-                                                        out_dir / "analysis"))
+                result["analysis"] = str(write_analysis(val_set.evaluation_ground_truth(), out_dir / "inference",
+                                                        class_map, metrics, out_dir / "analysis"))
     if info.world_size > 1:
         dist.barrier()
     return result

@@ -100,6 +100,17 @@ def coco_api(backend: str = "auto"):
     return COCO, COCOeval
 
 
+def coco_ground_truth(COCO, ground_truth: str | Path | dict):
+    """A ``COCO`` index of an annotation file, or of its contents already read (and cleaned:
+    ``CocoDataset.evaluation_ground_truth``), for pycocotools' class or faster-coco-eval's."""
+    if not isinstance(ground_truth, dict):
+        return COCO(str(ground_truth))
+    coco = COCO()
+    coco.dataset = ground_truth
+    coco.createIndex()
+    return coco
+
+
 def _per_class_ap(coco_eval, class_map: ClassMap) -> dict[str, float]:
     precision = coco_eval.eval["precision"]  # (iou thresholds, recall points, classes, areas, max dets)
     out = {}
@@ -114,19 +125,22 @@ def _per_class_ap(coco_eval, class_map: ClassMap) -> dict[str, float]:
 class COCOEvaluator:
     """Accumulate predictions with :meth:`process`, then :meth:`evaluate` (rank 0 returns the numbers).
 
+    ``ground_truth``: the annotation file's contents to score against instead of ``json_path``'s
+    (``CocoDataset.evaluation_ground_truth``: without what the dataset left out).
     ``keypoint_convention``: the one the dataset was read with (``CocoDataset.keypoint_convention``),
     so that predicted keypoints are written in the file's coordinates.
     """
 
     def __init__(self, json_path: str | Path, class_map: ClassMap, iou_types: Sequence[str] = ("bbox", "segm"),
                  output_dir: str | Path | None = None, oks_sigmas: Sequence[float] = (),
-                 keypoint_convention: str = "torchvision", backend: str = "auto") -> None:
+                 keypoint_convention: str = "torchvision", backend: str = "auto",
+                 ground_truth: dict | None = None) -> None:
         COCO, self._cocoeval = coco_api(backend)
         keypoint_offset(keypoint_convention)  # a bad name fails here, not after the whole inference
         self.keypoint_convention = keypoint_convention
         self.json_path = Path(json_path)
         with _quiet():
-            self.coco = COCO(str(self.json_path))
+            self.coco = coco_ground_truth(COCO, ground_truth if ground_truth is not None else self.json_path)
         self.oks_sigmas = np.asarray(oks_sigmas, dtype=np.float64) if len(oks_sigmas) else None
         if "keypoints" in iou_types:
             k = len(class_map.keypoint_names)

@@ -27,8 +27,10 @@ def evaluate_model(model: nn.Module, dataset: CocoDataset, output_dir: str | Pat
     dataset.require_ground_truth()
     net = model.module if hasattr(model, "module") else model
     types = net.coco_types
+    # scored against what the dataset accepted: an annotation it reported as left out is no object here
     evaluator = COCOEvaluator(dataset.json_path, dataset.class_map, types, output_dir, oks_sigmas,
-                              keypoint_convention=dataset.keypoint_convention)
+                              keypoint_convention=dataset.keypoint_convention,
+                              ground_truth=dataset.evaluation_ground_truth())
     try:
         problem = class_map_mismatch(dataset.class_map, ClassMap.from_categories(evaluator.coco.dataset["categories"],
                                                                                  keypoints=False))

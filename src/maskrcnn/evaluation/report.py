@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from maskrcnn._pyplot import pyplot
-from maskrcnn.evaluation.coco_eval import _quiet  # pycocotools prints as it works
+from maskrcnn.evaluation.coco_eval import _quiet, coco_ground_truth  # _quiet: pycocotools prints as it works
 from maskrcnn.evaluation.analysis import ERROR_KINDS, Instance, confusion_matrix, error_breakdown, pr_curves
 from maskrcnn.structures.class_map import ClassMap
 
@@ -36,16 +36,17 @@ def _instances(coco, results, iou_type: str, image_ids: list[int]) -> list[tuple
     return images
 
 
-def analyze_results(json_path: str | Path, results_json: str | Path, iou_type: str, class_map: ClassMap,
+def analyze_results(ground_truth: str | Path | dict, results_json: str | Path, iou_type: str, class_map: ClassMap,
                     out_dir: str | Path, score_thresh: float = 0.5) -> dict:
-    """Write the analysis of ``results_json`` (COCO results of ``iou_type``) against ``json_path``."""
+    """Write the analysis of ``results_json`` (COCO results of ``iou_type``) against ``ground_truth``
+    (an annotation file, or its contents as evaluated: ``CocoDataset.evaluation_ground_truth``)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with _quiet():
-        coco = COCO(str(json_path))
+        coco = coco_ground_truth(COCO, ground_truth)
         results = coco.loadRes(json.loads(Path(results_json).read_text()) or [])
         ev = COCOeval(coco, results, iou_type)
         ev.params.catIds = list(class_map.ids)
@@ -147,7 +148,7 @@ def _plot_errors(errors: dict, path: Path, iou_type: str) -> None:
     plt.close(fig)
 
 
-def write_analysis(json_path: str | Path, results_dir: Path, class_map: ClassMap, metrics: dict,
+def write_analysis(ground_truth: str | Path | dict, results_dir: Path, class_map: ClassMap, metrics: dict,
                    out: Path | None = None) -> Path:
     """The analysis of the ``coco_<type>_results.json`` that an evaluation wrote to ``results_dir``
     (boxes, and masks where evaluated), into ``out`` (default ``results_dir / "analysis"``); prints
@@ -156,7 +157,7 @@ def write_analysis(json_path: str | Path, results_dir: Path, class_map: ClassMap
     for iou_type in ("bbox", "segm"):
         results = results_dir / f"coco_{iou_type}_results.json"
         if iou_type in metrics and results.is_file():
-            report = analyze_results(json_path, results, iou_type, class_map, out)
+            report = analyze_results(ground_truth, results, iou_type, class_map, out)
             print(format_errors(iou_type, report["errors"]))
     print(f"analysis: {out.resolve()}")
     return out
