@@ -464,7 +464,7 @@ def _cmd_eval(args) -> int:
                                         f"not there (from {Path.cwd()}): pass --dataset (and --images)")
         _check_eval_classes(pred.class_map, Path(json_path), args.allow_class_mismatch)
         dataset = CocoDataset(json_path, images, class_map=pred.class_map, on_bad_sample=cfg.data.on_bad_sample,
-                              keypoint_convention=cfg.model.keypoint_head.pixel_convention)
+                              keypoint_convention=cfg.model.keypoint_head.pixel_convention, masks=cfg.model.mask_on)
         if info.main:
             Path(args.output).mkdir(parents=True, exist_ok=True)
             write_skipped([dataset], Path(args.output))
@@ -666,7 +666,7 @@ def _cmd_inspect(args) -> int:
         json_path, images = dataset_paths(cfg)["train"]
     # bitmaps, so that the overlays show the masks; every problem reported, none fatal
     dataset = CocoDataset(json_path, images, mask_format="bitmap", keypoints=cfg.model.keypoint_on,
-                          keypoint_convention=cfg.model.keypoint_head.pixel_convention)
+                          keypoint_convention=cfg.model.keypoint_head.pixel_convention, masks=cfg.model.mask_on)
     print(inspect_dataset(dataset, out, args.num_images))
     stats = best_anchor_iou(dataset, cfg, args.max_images)
     fit = anchor_report(stats, cfg)
@@ -741,7 +741,7 @@ def _inspect_model(args, out: Path) -> int:
             if not Path(json_path).is_file():  # a relative path of the machine or folder it was trained in
                 raise FileNotFoundError(f"{json_path}: the training set named in {args.weights} is not here; give "
                                         "--dataset (and --images)")
-        dataset = CocoDataset(json_path, images, class_map=pred.class_map,
+        dataset = CocoDataset(json_path, images, class_map=pred.class_map, masks=pred.cfg.model.mask_on,
                               keypoint_convention=pred.cfg.model.keypoint_head.pixel_convention)
         if not 0 <= args.sample < len(dataset):
             raise ValueError(f"--sample {args.sample}: {json_path} has {len(dataset)} usable images (0..{len(dataset) - 1})")

@@ -50,7 +50,7 @@ class Oracle(nn.Module):
         for im in images:
             t = self.dataset.target(self.by_size[tuple(im.shape[-2:])])
             h, w = im.shape[-2:]
-            masks = t["masks"].to_bitmaps(h, w) if hasattr(t["masks"], "to_bitmaps") else t["masks"]
+            masks = t["masks"]  # (the datasets here give bitmaps)
             outs.append({"boxes": t["boxes"], "labels": t["labels"], "scores": torch.ones(len(t["labels"])),
                          "masks": masks.bool()[:, None]})
         return outs
@@ -76,11 +76,11 @@ def test_left_out_annotations_and_odd_crowd_regions_are_scored_as_reported(tmp_p
         _square(16, 1, 60, 40, 12, id=None),                           # no id: ids are made unique
     ]
     annotations[-1]["id"] = 4  # ... and a repeated id (pycocotools would keep only one of the two)
-    dataset = CocoDataset(_write(tmp_path, annotations), tmp_path, mask_format="bitmask")
+    dataset = CocoDataset(_write(tmp_path, annotations), tmp_path, mask_format="bitmap")
     assert sum(len(r.boxes) for r in dataset.records) == 5
     report = " | ".join(dataset.report)
     for words in ("annotation 10: missing segmentation", "annotation 11: box", "annotation 12: no polygon",
-                  "annotation 13: crowd region with missing segmentation: its box stands for it",
+                  "annotation 13: crowd region with missing segmentation (kept: its box stands for it)",
                   "annotation 14: crowd region with RLE size [10, 10]"):
         assert words in report, report
     metrics = evaluate_model(Oracle(dataset), dataset, tmp_path / "out", progress=False)
@@ -102,7 +102,7 @@ def test_left_out_annotations_and_odd_crowd_regions_are_scored_as_reported(tmp_p
 def test_a_detection_inside_a_box_only_crowd_region_is_not_a_false_positive(tmp_path):
     annotations = [_square(1, 1, 5, 5, 20), _square(2, 2, 10, 30, 20), _square(3, 3, 4, 4, 16),
                    _square(4, 2, 25, 2, 20, iscrowd=1, segmentation=None)]
-    dataset = CocoDataset(_write(tmp_path, annotations), tmp_path, mask_format="bitmask")
+    dataset = CocoDataset(_write(tmp_path, annotations), tmp_path, mask_format="bitmap")
     oracle = Oracle(dataset)
 
     class OracleAndCrowd(Oracle):
@@ -125,5 +125,71 @@ def test_a_detection_inside_a_box_only_crowd_region_is_not_a_false_positive(tmp_
 def test_a_file_of_crowd_regions_only_is_refused(tmp_path):
     annotations = [_square(1, 1, 5, 5, 20, iscrowd=1), _square(2, 2, 10, 30, 20, iscrowd=1)]
     dataset = CocoDataset(_write(tmp_path, annotations), tmp_path)
-    with pytest.raises(DatasetError, match="no object to score against among its 2 annotations .all of them are crowd"):
+    with pytest.raises(DatasetError, match="no object to score against among its 2 annotations .all are crowd regions"):
         evaluate_model(Oracle(dataset), dataset, progress=False)
+
+
+class BoxOracle(Oracle):
+    coco_types = ["bbox"]
+
+    def forward(self, images):
+        return [{k: v for k, v in out.items() if k != "masks"} for out in super().forward(images)]
+
+
+def test_a_box_only_file_for_a_box_only_model(tmp_path):
+    # detection datasets (no segmentation at all) train and evaluate Faster R-CNN; a mask model
+    # leaves such annotations out, and says so
+    annotations = [_square(1, 1, 5, 5, 20, segmentation=None), _square(2, 2, 10, 30, 20, segmentation=None),
+                   _square(3, 3, 4, 4, 16, segmentation=None), _square(4, 3, 30, 30, 16)]
+    path = _write(tmp_path, annotations)
+    boxes_only = CocoDataset(path, tmp_path, masks=False, mask_format="bitmap")
+    assert sum(len(r.boxes) for r in boxes_only.records) == 4 and not boxes_only.report
+    assert boxes_only[0][1]["masks"] is not None  # a stand-in that nothing reads, not a crash
+    metrics = evaluate_model(BoxOracle(boxes_only), boxes_only, progress=False)
+    assert metrics["bbox"]["AP"] == pytest.approx(1.0) and metrics["bbox"]["AR100"] == pytest.approx(1.0)
+    with pytest.warns(UserWarning, match="skipped 3 bad"):
+        with_masks = CocoDataset(path, tmp_path)
+    assert sum(len(r.boxes) for r in with_masks.records) == 1
+
+
+def test_what_pycocotools_would_trip_on_is_given_as_trained(tmp_path):
+    annotations = [
+        _square(0, 1, 5, 5, 20),  # id 0: pycocotools' "no match" marker
+        _square(2, 2, 10, 30, 20, segmentation=[[10, 30, 30, 50], [10, 30, 30, 30, 30, 50, 10, 50]]),  # a 2-point ring first
+        _square(3, 3, 4, 4, 16),
+    ]
+    for a in annotations:  # files without area and iscrowd (training reads them as 0 and the box)
+        del a["area"], a["iscrowd"]
+    annotations.append(_square(4, 3, 40, 40, 20, iscrowd=1, segmentation={"size": None, "counts": "x"}))
+    dataset = CocoDataset(_write(tmp_path, annotations), tmp_path, mask_format="bitmap")
+    assert sum(len(r.boxes) for r in dataset.records) == 3
+    assert any("annotation 4: crowd region with RLE size None" in r for r in dataset.report), dataset.report
+    metrics = evaluate_model(Oracle(dataset), dataset, tmp_path / "out", progress=False)
+    assert metrics["bbox"]["AP"] == pytest.approx(1.0) and metrics["segm"]["AP"] == pytest.approx(1.0), metrics
+    from maskrcnn.evaluation.report import write_analysis
+
+    write_analysis(dataset.evaluation_ground_truth(), tmp_path / "out", dataset.class_map, metrics)  # pycocotools
+
+
+def test_the_analysis_looks_at_the_images_the_evaluation_scored(tmp_path, capsys):
+    annotations = [_square(1, 1, 5, 5, 20), _square(2, 2, 10, 30, 20), _square(3, 3, 4, 4, 16)]
+    dataset = CocoDataset(_write(tmp_path, annotations), tmp_path, mask_format="bitmap")
+    from maskrcnn.evaluation.report import write_analysis
+
+    metrics = evaluate_model(Oracle(dataset), dataset, tmp_path / "out", limit=2, progress=False)
+    assert metrics["images"]["evaluated"] == 2 and metrics["segm"]["AP"] == pytest.approx(1.0)
+    write_analysis(dataset.evaluation_ground_truth(), tmp_path / "out", dataset.class_map, metrics)
+    missed = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("missed")]
+    assert [m[1] for m in missed] == ["0", "0"], missed  # boxes and masks: the unscored image's object is no miss
+    assert (tmp_path / "out" / "analysis" / "errors_segm.csv").read_text().count("missed,0,") == 1
+
+
+def test_a_file_edited_after_it_was_read_is_not_scored_by_stale_positions(tmp_path):
+    path = _write(tmp_path, [_square(1, 1, 5, 5, 20), _square(9, 2, 10, 30, 20, segmentation=None),
+                             _square(3, 3, 4, 4, 16)])
+    dataset = CocoDataset(path, tmp_path)
+    data = json.loads(path.read_text())
+    data["annotations"].insert(0, _square(7, 1, 40, 30, 10))
+    path.write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match="changed since it was read"):
+        dataset.evaluation_ground_truth()

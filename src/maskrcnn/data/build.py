@@ -38,7 +38,7 @@ def build_train_dataset(cfg: Config, paths: dict) -> CocoDataset:
     # only a keypoint model needs the categories to agree on one keypoint set
     return CocoDataset(*paths["train"], train=True, keep_empty=d.keep_empty_images, on_bad_sample=d.on_bad_sample,
                        mask_format=d.mask_format, flip_prob=d.flip_prob, min_keypoints=d.min_keypoints_per_image,
-                       keypoints=cfg.model.keypoint_on,
+                       keypoints=cfg.model.keypoint_on, masks=cfg.model.mask_on,
                        keypoint_convention=cfg.model.keypoint_head.pixel_convention)
 
 
@@ -47,6 +47,7 @@ def build_val_dataset(cfg: Config, paths: dict, class_map: ClassMap) -> CocoData
         return None
     d = cfg.data
     val = CocoDataset(*paths["val"], class_map=class_map, train=False, on_bad_sample=d.on_bad_sample,
-                      mask_format=d.mask_format, keypoint_convention=cfg.model.keypoint_head.pixel_convention)
+                      mask_format=d.mask_format, keypoint_convention=cfg.model.keypoint_head.pixel_convention,
+                      masks=cfg.model.mask_on)
     val.require_ground_truth()  # before training, not after it
     return val

@@ -50,8 +50,8 @@ SKIPPED_FILE = "skipped_samples.txt"
 
 def write_skipped(datasets: Sequence[CocoDataset | None], out_dir: Path) -> None:
     """One line per skipped annotation/image of ``datasets`` (prefixed by its file) in ``out_dir``; none if none."""
-    # (a file used for training and validation both is listed once)
-    lines = list(dict.fromkeys(f"{d.json_path}: {r}" for d in datasets if d is not None for r in d.report))
+    files = {d.json_path: d for d in reversed(datasets) if d is not None}  # one file for train and val: once
+    lines = [f"{path}: {r}" for path, d in reversed(files.items()) for r in d.report]
     if lines:
         (Path(out_dir) / SKIPPED_FILE).write_text("\n".join(lines) + "\n")
 
@@ -116,6 +116,9 @@ class CocoDataset(Dataset):
         keypoints: whether the model predicts keypoints. Only then must the categories agree on one
             keypoint set; otherwise disagreeing sets are ignored (with a warning) and the dataset
             has no keypoints.
+        masks: whether the model predicts masks. Only then is an annotation without a usable
+            segmentation left out; otherwise (a box-only dataset for Faster R-CNN) its box stands
+            in for the mask that nothing reads.
         keypoint_convention: ``"torchvision"`` (targets hold the file's x, y) or ``"detectron2"``
             (labelled keypoints shifted by +0.5 px); see :data:`KEYPOINT_OFFSETS`.
 
@@ -131,21 +134,26 @@ class CocoDataset(Dataset):
     def __init__(self, json_path: str | Path, image_dir: str | Path, class_map: ClassMap | None = None,
                  train: bool = False, keep_empty: bool = True, on_bad_sample: str = "skip",
                  mask_format: str = "polygon", flip_prob: float = 0.5, flip_map: Sequence[int] | None = None,
-                 min_keypoints: int = 0, keypoints: bool = True, keypoint_convention: str = "torchvision") -> None:
+                 min_keypoints: int = 0, keypoints: bool = True, keypoint_convention: str = "torchvision",
+                 masks: bool = True) -> None:
         if on_bad_sample not in ("skip", "error"):
             raise ValueError(f"on_bad_sample must be 'skip' or 'error', got {on_bad_sample!r}")
         self.keypoint_offset = keypoint_offset(keypoint_convention)
         self.keypoint_convention = keypoint_convention
         self.json_path, self.image_dir = Path(json_path), Path(image_dir)
         self.train, self.on_bad_sample, self.mask_format = train, on_bad_sample, mask_format
-        self.flip_prob, self.flip_map = flip_prob, flip_map
-        self.report: list[str] = []
-        # positions in the file's annotation list: those left out (reported), and crowd regions whose
-        # segmentation is missing or unusable (their box stands for them): evaluation must see the
-        # same ground truth as training and the report (evaluation_ground_truth)
+        self.flip_prob, self.flip_map, self.masks = flip_prob, flip_map, masks
+        self.report: list[str] = []  # what was skipped, and notes on what was kept ("(kept")
+        self._kept_notes = 0
+        # by position in the file's annotation list: the annotations left out, those whose box stands
+        # for an unusable segmentation, and those with only some of their polygon rings usable, so
+        # that evaluation scores against what training saw (evaluation_ground_truth)
         self._left_out: set[int] = set()
-        self._crowd_as_box: set[int] = set()
+        self._as_box: set[int] = set()
+        self._kept_rings: dict[int, list] = {}
         data = self._read_json()
+        stat = self.json_path.stat()
+        self._read_stamp = (stat.st_mtime_ns, stat.st_size)
         self.num_annotations = len(data.get("annotations") or [])
         if train and not data.get("annotations"):
             raise DatasetError(f"{self.json_path}: no annotations ('annotations' is missing or empty): a training "
@@ -163,9 +171,8 @@ class CocoDataset(Dataset):
             self.flip_map = keypoint_flip_map(self.class_map.keypoint_names)
         self.records = self._parse(data, keep_empty or not train)
         if train and not any(r.boxes for r in self.records):
-            why = f"{len(self.report)} problems: {self.report[:3]}" if self.report else "all are crowd regions"
             raise DatasetError(f"{self.json_path}: none of its {len(data['annotations'])} annotations can be "
-                               f"trained on ({why})")
+                               f"trained on ({self._why_no_objects()})")
         if train and min_keypoints > 0 and self.num_keypoints:
             self.records = [r for r in self.records
                             if sum(v > 0 for kp in r.keypoints for v in kp[2::3]) >= min_keypoints]
@@ -173,9 +180,23 @@ class CocoDataset(Dataset):
             raise DatasetError(f"{self.json_path}: no usable images"
                                + (f" ({len(self.report)} problems: {self.report[:3]})" if self.report else ""))
         if self.report:
-            warnings.warn(f"{self.json_path}: skipped {len(self.report)} bad annotations/images, e.g. "
+            skipped = len(self.report) - self._kept_notes
+            kept = f", kept {self._kept_notes} with a note" if self._kept_notes else ""
+            warnings.warn(f"{self.json_path}: skipped {skipped} bad annotations/images{kept}, e.g. "
                           f"{self.report[:3]} (train and eval list all of them in {SKIPPED_FILE} in their output folder; "
                           f"in Python: dataset.report)", stacklevel=2)
+
+    def _why_no_objects(self) -> str:
+        crowds = sum(len(r.crowd_boxes) for r in self.records)
+        problems = len(self.report) - self._kept_notes
+        if not problems:
+            return "all are crowd regions" if crowds else "none is an object"
+        return (f"{crowds} crowd regions, " if crowds else "") + f"{problems} problems: {self.report[:3]}"
+
+    def _note(self, msg: str) -> None:
+        """Something kept as it was, or in a reading of ours, worth telling (not a skip)."""
+        self.report.append(msg)
+        self._kept_notes += 1
 
     # -- reading -------------------------------------------------------------------------------------
     def _read_json(self) -> dict:
@@ -277,17 +298,23 @@ class CocoDataset(Dataset):
                       f"size its image entry gives: are width and height swapped?)")
             return False
         seg, problem = self._segmentation(ann, rec)
-        if ann.get("iscrowd", 0):
-            # training uses a crowd region's box only; mask evaluation needs a region, so one without
-            # a usable segmentation (a box-only crowd, an RLE of another size) is scored as its box
-            if problem is not None:
-                self.report.append(f"annotation {aid}: crowd region with {problem}: its box stands for it")
-                self._crowd_as_box.add(index)
-            rec.crowd_boxes.append(box)
-            return True
-        if problem is not None:
+        crowd = bool(ann.get("iscrowd", 0))
+        if problem is not None and (crowd or not self.masks):
+            # training uses a crowd region's box only, and a box-only model no mask at all; where
+            # masks are evaluated, such a region (box-only, an RLE of another size) is scored as its box
+            if self.masks or ann.get("segmentation") is not None:  # (box-only data for a box-only model: silent)
+                self._note(f"annotation {aid}: {'crowd region' if crowd else 'object'} with {problem} (kept: its box "
+                           f"stands for it)")
+            self._as_box.add(index)
+            seg = [[box[0], box[1], box[2], box[1], box[2], box[3], box[0], box[3]]]
+        elif problem is not None:
             self._bad(f"annotation {aid}: {problem}")
             return False
+        elif isinstance(seg, list) and len(seg) != len(ann["segmentation"]):
+            self._kept_rings[index] = seg  # some rings unusable: evaluation sees the ones trained on
+        if crowd:
+            rec.crowd_boxes.append(box)
+            return True
         if self.num_keypoints:
             kp = self._keypoints(ann)
             if kp is None:
@@ -318,7 +345,7 @@ class CocoDataset(Dataset):
         aid = ann.get("id", "?")
         seg = ann.get("segmentation")
         if isinstance(seg, dict):
-            if list(seg.get("size", [])) != [rec.height, rec.width] or "counts" not in seg:
+            if list(seg.get("size") or []) != [rec.height, rec.width] or "counts" not in seg:
                 return None, f"RLE size {seg.get('size')} does not match its image ({rec.height}, {rec.width})"
             return seg, None
         if not isinstance(seg, list) or not seg:
@@ -338,7 +365,7 @@ class CocoDataset(Dataset):
                 continue
             if crossing:
                 # rasterised with the even-odd rule by pycocotools and by us alike: kept, but reported
-                self.report.append(f"annotation {aid}: self-intersecting polygon (kept, even-odd fill)")
+                self._note(f"annotation {aid}: self-intersecting polygon (kept, even-odd fill)")
             rings.append(arr.tolist())
         if not rings:
             return None, "no polygon with 3 or more points and a non-zero area"
@@ -346,20 +373,28 @@ class CocoDataset(Dataset):
 
     def evaluation_ground_truth(self) -> dict:
         """The annotation file as COCO evaluation should score against it: without the annotations this
-        dataset left out (each is in ``report``), crowd regions without a usable segmentation given
-        their box as one, and annotation ids made unique where the file's are missing or repeated
-        (pycocotools indexes by id: a repeated one silently replaced the other)."""
+        dataset left out (those of its own are in ``report``; those of skipped images go with them),
+        a region whose segmentation could not be used given its box as one, polygons reduced to the
+        rings trained on, ``iscrowd``/``area`` filled in where missing (training reads them so), and
+        annotation ids made unique and positive where they are not (pycocotools indexes by id, so a
+        repeated id replaced the other annotation, and it treats id 0 as "no match")."""
         data = self._read_json()
+        stat = self.json_path.stat()
+        if (stat.st_mtime_ns, stat.st_size) != self._read_stamp:
+            raise DatasetError(f"{self.json_path} changed since it was read: restart to evaluate against it")
         anns = []
         for index, ann in enumerate(data.get("annotations", [])):
             if index in self._left_out:
                 continue
-            if index in self._crowd_as_box:
-                x, y, w, h = (float(v) for v in ann["bbox"])
-                ann = dict(ann, segmentation=[[x, y, x + w, y, x + w, y + h, x, y + h]])
+            x, y, w, h = (float(v) for v in ann["bbox"])
+            ann = dict(ann, iscrowd=ann.get("iscrowd", 0), area=ann.get("area", w * h))
+            if index in self._as_box:
+                ann["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+            elif index in self._kept_rings:
+                ann["segmentation"] = self._kept_rings[index]
             anns.append(ann)
         ids = [a.get("id") for a in anns]
-        if any(not isinstance(i, int) for i in ids) or len(set(ids)) != len(ids):
+        if any(type(i) is not int or i <= 0 for i in ids) or len(set(ids)) != len(ids):
             anns = [dict(a, id=k + 1) for k, a in enumerate(anns)]
         return dict(data, annotations=anns)
 
@@ -370,10 +405,8 @@ class CocoDataset(Dataset):
             raise DatasetError(f"{self.json_path}: no annotations to score against ('annotations' is missing or "
                                f"empty); `maskrcnn predict` runs a model on images without ground truth")
         if not any(r.boxes for r in self.records):  # COCO AP is undefined (-100, nan) without one object
-            why = (f"{len(self.report)} problems, e.g. {self.report[:3]}" if self.report
-                   else "all of them are crowd regions")
             raise DatasetError(f"{self.json_path}: no object to score against among its {self.num_annotations} "
-                               f"annotations ({why})")
+                               f"annotations ({self._why_no_objects()})")
 
     def __len__(self) -> int:
         return len(self.records)

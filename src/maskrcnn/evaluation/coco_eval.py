@@ -100,6 +100,11 @@ def coco_api(backend: str = "auto"):
     return COCO, COCOeval
 
 
+# beside the results files: the ids of the images an evaluation scored (a limit or unreadable images
+# leave some out)
+EVALUATED_IMAGES = "evaluated_image_ids.json"
+
+
 def coco_ground_truth(COCO, ground_truth: str | Path | dict):
     """A ``COCO`` index of an annotation file, or of its contents already read (and cleaned:
     ``CocoDataset.evaluation_ground_truth``), for pycocotools' class or faster-coco-eval's."""
@@ -198,6 +203,9 @@ class COCOEvaluator:
         if skipped and not image_ids:
             raise DatasetError(f"{self.json_path}: none of the {len(skipped)} images could be read")
         metrics: dict[str, dict] = {}
+        if self.output_dir is not None:  # which images were scored: the error analysis looks at those alone
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / EVALUATED_IMAGES).write_text(json.dumps(sorted(set(image_ids))))
         for iou_type in self.iou_types:
             res = [r for r in results if iou_type != "segm" or "segmentation" in r]
             res = [r for r in res if iou_type != "keypoints" or "keypoints" in r]

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from maskrcnn._pyplot import pyplot
-from maskrcnn.evaluation.coco_eval import _quiet, coco_ground_truth  # _quiet: pycocotools prints as it works
+from maskrcnn.evaluation.coco_eval import EVALUATED_IMAGES, _quiet, coco_ground_truth  # _quiet: pycocotools prints
 from maskrcnn.evaluation.analysis import ERROR_KINDS, Instance, confusion_matrix, error_breakdown, pr_curves
 from maskrcnn.structures.class_map import ClassMap
 
@@ -37,9 +38,10 @@ def _instances(coco, results, iou_type: str, image_ids: list[int]) -> list[tuple
 
 
 def analyze_results(ground_truth: str | Path | dict, results_json: str | Path, iou_type: str, class_map: ClassMap,
-                    out_dir: str | Path, score_thresh: float = 0.5) -> dict:
+                    out_dir: str | Path, score_thresh: float = 0.5, image_ids: Sequence[int] | None = None) -> dict:
     """Write the analysis of ``results_json`` (COCO results of ``iou_type``) against ``ground_truth``
-    (an annotation file, or its contents as evaluated: ``CocoDataset.evaluation_ground_truth``)."""
+    (an annotation file, or its contents as evaluated: ``CocoDataset.evaluation_ground_truth``), on
+    ``image_ids`` (the images the evaluation scored; default all of the ground truth's)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -50,10 +52,12 @@ def analyze_results(ground_truth: str | Path | dict, results_json: str | Path, i
         results = coco.loadRes(json.loads(Path(results_json).read_text()) or [])
         ev = COCOeval(coco, results, iou_type)
         ev.params.catIds = list(class_map.ids)
+        image_ids = sorted(set(image_ids)) if image_ids is not None else sorted(coco.getImgIds())
+        ev.params.imgIds = image_ids
         ev.evaluate()
         ev.accumulate()
     ids, names = list(class_map.ids), list(class_map.names)
-    images = _instances(coco, results, iou_type, sorted(coco.getImgIds()))
+    images = _instances(coco, results, iou_type, image_ids)
     errors = error_breakdown(images, ids)
     cm = confusion_matrix(images, ids, score_thresh=score_thresh)
     curves = pr_curves(ev)
@@ -154,10 +158,12 @@ def write_analysis(ground_truth: str | Path | dict, results_dir: Path, class_map
     (boxes, and masks where evaluated), into ``out`` (default ``results_dir / "analysis"``); prints
     the error tables."""
     out = out or results_dir / "analysis"
+    scored = results_dir / EVALUATED_IMAGES
+    image_ids = json.loads(scored.read_text()) if scored.is_file() else None
     for iou_type in ("bbox", "segm"):
         results = results_dir / f"coco_{iou_type}_results.json"
         if iou_type in metrics and results.is_file():
-            report = analyze_results(ground_truth, results, iou_type, class_map, out)
+            report = analyze_results(ground_truth, results, iou_type, class_map, out, image_ids=image_ids)
             print(format_errors(iou_type, report["errors"]))
     print(f"analysis: {out.resolve()}")
     return out
