@@ -145,6 +145,8 @@ def test_a_box_only_file_for_a_box_only_model(tmp_path):
     boxes_only = CocoDataset(path, tmp_path, masks=False, mask_format="bitmap")
     assert sum(len(r.boxes) for r in boxes_only.records) == 4 and not boxes_only.report
     assert boxes_only[0][1]["masks"] is not None  # a stand-in that nothing reads, not a crash
+    training = CocoDataset(path, tmp_path, train=True, masks=False)  # (a mask model's training set refuses it)
+    assert sum(len(r.boxes) for r in training.records) == 4
     metrics = evaluate_model(BoxOracle(boxes_only), boxes_only, progress=False)
     assert metrics["bbox"]["AP"] == pytest.approx(1.0) and metrics["bbox"]["AR100"] == pytest.approx(1.0)
     with pytest.warns(UserWarning, match="skipped 3 bad"):
