@@ -201,3 +201,10 @@ def test_keypoints_are_written_back_in_the_file_convention(tmp_path):
     assert ap["torchvision"] == pytest.approx(0.4)
     with pytest.raises(ValueError, match="pixel convention"):
         COCOEvaluator(path, classes, ["keypoints"], oks_sigmas=[0.1] * 2, keypoint_convention="d2")
+
+
+def test_a_class_without_instances_reads_as_such_in_the_table():
+    from maskrcnn.evaluation.coco_eval import format_metrics
+
+    table = format_metrics({"bbox": {"AP": 0.5, "per_class": {"cat": 0.5, "never seen": float("nan")}}})
+    assert "per class AP: cat 50.0, never seen n/a (no instances)" in table and "nan" not in table

@@ -244,5 +244,7 @@ def format_metrics(metrics: dict[str, dict]) -> str:
         names = [n for n in m if n != "per_class"]
         lines.append(f"{iou_type}: " + "  ".join(f"{n} {100 * m[n]:.1f}" for n in names))
         if m.get("per_class"):
-            lines.append("  per class AP: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in m["per_class"].items()))
+            # nan: a class without ground truth among the scored images has no AP (COCO leaves it out of the mean)
+            lines.append("  per class AP: " + ", ".join(f"{k} {100 * v:.1f}" if v == v else f"{k} n/a (no instances)"
+                                                         for k, v in m["per_class"].items()))
     return "\n".join(lines)
