@@ -526,6 +526,12 @@ def test_files_in_a_folder_that_are_not_images_are_counted(data, tmp_path, capsy
     assert len(lines) == 1 and lines[0].startswith("left out 2 files that are neither an image (.jpg/") and \
         lines[0].endswith("nor a video: b.heic, notes.txt"), err
     assert [p.name for p in (tmp_path / "out").glob("*.png")] == ["a.png"]
+    # a folder is read flat: its subfolders are named as not searched (their images were left out unsaid)
+    (folder / "more").mkdir()
+    _image(folder / "more" / "c.png")
+    code, err = run(["predict", str(folder), "-w", str(data / "tiny.pth"), "--output", str(tmp_path / "out2")], capsys)
+    assert code == 0 and f"{folder}: its subfolder more not searched" in err and "**" in err, err
+    assert [p.name for p in (tmp_path / "out2").glob("*.png")] == ["a.png"]
 
 
 @pytest.mark.parametrize("on_bad_sample", ["error", "skip"])

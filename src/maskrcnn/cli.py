@@ -307,6 +307,11 @@ def _expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
             continue
         if p.is_dir():
             entries = sorted(q for q in p.iterdir() if q.is_file() and not q.name.startswith("."))
+            subfolders = [q.name for q in sorted(p.iterdir()) if q.is_dir() and not q.name.startswith(".")]
+            if subfolders:  # a folder is read flat: say so rather than leave their images out unsaid
+                print(f"{item}: its subfolder{'s' if len(subfolders) > 1 else ''} {', '.join(subfolders[:5])}"
+                      f"{', ...' if len(subfolders) > 5 else ''} not searched (a pattern such as "
+                      f"\"{Path(item) / '**' / '*.jpg'}\" reads subfolders too)", file=sys.stderr)
             if not any(kind(q) != "other" for q in entries):
                 raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) or videos in the folder {item}")
         elif p.is_file():
@@ -450,6 +455,8 @@ def _cmd_eval(args) -> int:
             cfg = Config()
         if args.dataset:
             json_path, images = Path(args.dataset), Path(args.images or Path(args.dataset).parent)
+            if images.exists() and not images.is_dir():
+                raise NotADirectoryError(f"--images {images} is a file: give the folder of the images")
         else:  # the validation set the checkpoint was trained with (its own files, or the built-in shapes)
             # the main process alone may generate the built-in dataset; the others wait for it
             paths = dataset_paths(cfg) if info.main else {}

@@ -177,3 +177,11 @@ def test_a_validation_set_the_checkpoint_names_but_cannot_be_found(checkpoint, t
     err = capsys.readouterr().err
     assert "data/val.json, the validation set named in the config of" in err and "pass --dataset" in err, err
     assert "Traceback" not in err
+
+
+def test_images_given_as_a_file_is_named(checkpoint, tmp_path, capsys):
+    val_json = dataset_paths(tiny_train_config(checkpoint.parent))["val"][0]
+    assert main([*EVAL, "--weights", str(checkpoint), "--dataset", str(val_json), "--images", str(val_json),
+                 "--output", str(tmp_path / "out")]) != 0
+    err = capsys.readouterr().err
+    assert f"--images {val_json} is a file: give the folder of the images" in err and "Traceback" not in err, err

@@ -167,3 +167,20 @@ def test_class_files(tmp_path):
         ClassMap.from_file(tmp_path / "mixed.json")
     with pytest.raises(FileNotFoundError, match="class file not found"):
         ClassMap.from_file(tmp_path / "none.json")
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("broken.yaml", b"- circle\n- rectangle\n- [triangle", "broken.yaml: cannot read the classes: while parsing"),
+    ("latin1.txt", "rect\u00e9ngle\ncircle\n".encode("latin-1"), "latin1.txt: cannot read the classes: not UTF-8"),
+    ("utf16.txt", "circle\nstar\n".encode("utf-16"), "utf16.txt: cannot read the classes: not UTF-8"),
+    ("dup.txt", b"circle\ncircle\ntriangle\nstar\n", "dup.txt: class names repeated: circle"),
+])
+def test_unreadable_class_files_are_one_line_errors(tmp_path, capsys, name, content, message):
+    # (a YAML syntax error and a non-UTF-8 file ended as internal errors with a traceback; a repeated
+    # name labelled two outputs alike) -- found by a new-user trial
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ClassMap.from_file(tmp_path / name)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        ClassMap.from_file(tmp_path / "folder")

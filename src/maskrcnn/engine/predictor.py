@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 
 from maskrcnn._malloc import keep_freed_memory
@@ -34,13 +34,15 @@ def config_of(state: dict) -> Config:
 
 
 def to_image_tensor(image: ImageLike) -> Tensor:
-    """Any supported image -> ``(3, H, W)`` RGB: uint8 from files (EXIF orientation honoured), PIL
-    images and uint8/uint16 arrays (16 bits scaled to 8, as for files); float arrays stay float and
-    must be in 0-1 (the model refuses other ranges); tensors pass through."""
+    """Any supported image -> ``(3, H, W)`` RGB: uint8 from files and PIL images (EXIF orientation
+    honoured in both, so that a file gives the same detections opened or named) and uint8/uint16
+    arrays (16 bits scaled to 8, as for files); float arrays stay float and must be in 0-1 (the model
+    refuses other ranges); tensors pass through."""
     if isinstance(image, (str, Path)):
         return load_image(image)
     if isinstance(image, Image.Image):  # 16-bit and float modes scaled as in files, not saturated
-        return torch.from_numpy(rgb_array(image)).permute(2, 0, 1).contiguous()
+        # (a turned image has lost its orientation tag: turning it again is a no-op)
+        return torch.from_numpy(rgb_array(ImageOps.exif_transpose(image))).permute(2, 0, 1).contiguous()
     if isinstance(image, np.ndarray):
         if image.ndim == 2:
             image = np.repeat(image[:, :, None], 3, axis=2)

@@ -72,21 +72,26 @@ class ClassMap:
           torchvision's examples, is dropped) or of ``{"id", "name"}`` categories;
         - a text file (any other suffix) with one name per line.
         """
+        import yaml
+
         path = Path(path)
+        if path.is_dir():
+            raise IsADirectoryError(f"the class file {path} is a folder: give the file")
         if not path.is_file():
             raise FileNotFoundError(f"class file not found: {path}")
-        text = path.read_text(encoding="utf-8")
         try:
+            text = path.read_text(encoding="utf-8")
             if path.suffix.lower() == ".json":
                 data = json.loads(text)
             elif path.suffix.lower() in (".yaml", ".yml"):
-                import yaml
-
                 data = yaml.safe_load(text)
             else:
                 data = [line.strip() for line in text.splitlines() if line.strip()]
-        except ValueError as e:  # yaml's errors are ValueErrors too
-            raise ValueError(f"{path}: cannot read the classes: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: cannot read the classes: not UTF-8 text ({e.reason} at byte {e.start}); "
+                             f"save it as UTF-8") from None
+        except (ValueError, yaml.YAMLError) as e:  # (a YAML error is no ValueError)
+            raise ValueError(f"{path}: cannot read the classes: {' '.join(str(e).split())}") from None
         if isinstance(data, dict) and "categories" in data:
             data = data["categories"]
         if not isinstance(data, list) or not data:
@@ -100,6 +105,9 @@ class ClassMap:
             raise ValueError(f"{path}: bad classes: {e}") from None
         if data[0].strip().lower() in ("__background__", "background"):
             data = data[1:]
+        repeated = sorted({n for n in data if data.count(n) > 1})
+        if repeated:  # a name twice would label two outputs alike: one of them is surely a mistake
+            raise ValueError(f"{path}: class names repeated: {', '.join(repeated)}")
         return cls(list(range(1, len(data) + 1)), data)
 
     def fit(self, num_classes: int, source: str = "the class map") -> ClassMap:
