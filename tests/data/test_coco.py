@@ -215,6 +215,26 @@ def test_corrupt_image_is_replaced_and_reported_or_raised(coco):
         CocoDataset(path, path.parent, on_bad_sample="error")[1]
 
 
+def test_training_stops_when_most_images_cannot_be_used(coco):
+    # e.g. every image entry with width and height swapped (a new-user trial: training went on with the
+    # one square image left, a console line for each of the others, and exited 0)
+    path, data = coco
+    ds = CocoDataset(path, path.parent, train=True)
+    (path.parent / "a.png").write_bytes(b"this is not a png")
+    with pytest.warns(UserWarning, match="using the next image"):
+        assert ds[0][1]["image_id"] == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # an image found unusable is not read (nor told) again
+        assert ds[0][1]["image_id"] == 2
+    for im in data["images"]:
+        im["width"], im["height"] = im["height"], im["width"]
+    path.write_text(json.dumps(data))
+    swapped = CocoDataset(path, path.parent, train=True)
+    with pytest.raises(DatasetError, match=r"2 of its 3 images cannot be used, e.g. .*is 64x48 \(WxH\) but the "
+                                           r"annotations say 48x64.*width and height"), pytest.warns(UserWarning):
+        swapped[0]
+
+
 def test_duplicate_image_id_leaves_out_both_images_and_their_annotations(coco):
     path, data = coco
     _write_image(path.parent / "d.png")

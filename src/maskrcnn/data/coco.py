@@ -151,6 +151,7 @@ class CocoDataset(Dataset):
         self._left_out: set[int] = set()
         self._as_box: set[int] = set()
         self._kept_rings: dict[int, list] = {}
+        self._unreadable: dict[int, str] = {}  # records whose image failed to load in training (this process)
         data = self._read_json()
         stat = self.json_path.stat()
         self._read_stamp = (stat.st_mtime_ns, stat.st_size)
@@ -454,6 +455,8 @@ class CocoDataset(Dataset):
         index, seed = item if isinstance(item, tuple) else (item, None)
         for attempt in range(len(self.records)):
             i = (index + attempt) % len(self.records)
+            if i in self._unreadable:  # (training only) told once, not read again
+                continue
             rec = self.records[i]
             try:
                 image = load_image(rec.path, (rec.height, rec.width))
@@ -462,6 +465,13 @@ class CocoDataset(Dataset):
                     raise
                 if not self.train:
                     return None, {"image_id": rec.image_id, "skipped": str(e)}
+                self._unreadable[i] = str(e)
+                if 2 * len(self._unreadable) > len(self.records):
+                    # a file wrong throughout (width and height swapped, another folder's images) would
+                    # otherwise train on the few images left, with a line for each of the others
+                    raise DatasetError(f"{self.json_path}: {len(self._unreadable)} of its {len(self.records)} images "
+                                       f"cannot be used, e.g. {list(self._unreadable.values())[:2]}: check the "
+                                       "image folder and the image entries' width and height") from None
                 warnings.warn(f"{e}; using the next image instead", stacklevel=2)
                 continue
             target = self.target(i)
