@@ -96,7 +96,7 @@ def main() -> None:
         weights, img_path = Path(tmp, "w.pth"), Path(tmp, "img.pt")
         torch.save(image8, img_path)
         if not args.checkpoint:
-            tv = run_reference(TORCHVISION, dict(seed=0, image=image8.float() / 255, repeats=args.repeats,
+            tv = run_reference(TORCHVISION, dict(seed=0, image=image8.float() / 255, repeats=args.repeats, load=None,
                                                  weights=str(weights), score_thresh=args.score_thresh,
                                                  bench_dir=BENCH_DIR),
                                threads=args.threads, timeout=3600)
