@@ -61,7 +61,13 @@ class FastRCNNConvFCHead(nn.Module):
             # at its convolution speed; MKL's float32 matrix product ran at ~40% of that on an AMD
             # EPYC (R50-FPN, 1000 RoIs: 152 ms as a matrix product, 63 ms as this convolution)
             fc = fcs.pop(0)
-            weight = self.fc1_as_conv if self.fc1_as_conv is not None else fc.weight.view(fc.out_features, *x.shape[1:])
+            layout = torch.contiguous_format if x.is_contiguous() else torch.channels_last
+            weight = self.fc1_as_conv
+            if weight is None or not weight.is_contiguous(memory_format=layout):
+                # the kernel in the map's layout, as cached: given another layout oneDNN takes another
+                # path, which rounds differently on some CPUs (AVX2: 2e-7 in the scores), and a prepared
+                # model would no longer give exactly the outputs of the model it was made from
+                weight = fc.weight.view(fc.out_features, *x.shape[1:]).contiguous(memory_format=layout)
             x = F.relu(F.conv2d(x, weight, fc.bias).flatten(1))
         else:
             x = x.flatten(1)
