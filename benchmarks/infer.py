@@ -41,6 +41,8 @@ BENCH_DIR = str(REPO / "benchmarks")  # for the processes below to import timing
 sys.path.insert(0, str(REPO / "tests"))
 from reference import run_reference  # noqa: E402
 
+from maskrcnn.structures.precision import fast_precision  # noqa: E402
+
 TORCHVISION = """
 import sys
 sys.path.insert(0, inputs["bench_dir"])
@@ -221,6 +223,10 @@ def main() -> None:
     ap.add_argument("--no-fast", action="store_true", help="skip the fast (bf16) row")
     ap.add_argument("--no-tv-malloc", action="store_true", help="skip torchvision with our malloc setting")
     args = ap.parse_args()
+    _, why_not = fast_precision(torch.device("cpu"))
+    if why_not and not args.no_fast:  # emulated bf16 would take hours here
+        print(f"{why_not}: the fast row is skipped")
+        args.no_fast = True
     if bool(args.weights) != bool(args.image):
         ap.error("--weights and --image go together (a trained model on a real image)")
     with tempfile.TemporaryDirectory() as tmp:

@@ -108,8 +108,15 @@ def test_predict_on_folders_batches_keeps_order_and_names_apart(trained, tmp_pat
     assert e.value.code == 2 and "at least 1" in capsys.readouterr().err
 
 
-def test_fast_mode_runs_the_checkpoint_in_bf16_through_eval_and_predict(trained, capsys):
+def test_fast_mode_runs_the_checkpoint_in_bf16_through_eval_and_predict(trained, capsys, monkeypatch):
+    import maskrcnn.structures.precision as precision
+
     ckpt = trained / "train" / "model_final.pth"
+    # a CPU without bf16 units would emulate bf16 (hundreds of times slower): fast mode stays float32, and says so
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: False)
+    with pytest.warns(UserWarning, match=r"fast mode: this CPU has no bf16 instructions .*stay float32"):
+        assert Predictor(ckpt, "cpu", fast=True).model.precision == "float32"
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: True)  # eval and predict below run bf16 on any CPU
     assert Predictor(ckpt, "cpu", fast=True).model.precision == "bf16"
     assert Predictor(ckpt, "cpu").model.precision == "float32"
     capsys.readouterr()

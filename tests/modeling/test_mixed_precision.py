@@ -301,3 +301,23 @@ def test_bf16_on_a_cpu_without_bf16_units_warns_once(monkeypatch):
         with torch.no_grad():
             model([image])  # not again
     precision._warn_emulated_bf16.cache_clear()
+
+
+def test_fast_mode_precision_is_what_the_hardware_runs(monkeypatch):
+    """Fast mode is bf16 where bf16 is native; a CPU without bf16 units would emulate it (a 3x3 conv
+    took 180x its float32 time on an AMD Zen 3), so there it stays float32 and says why; a GPU without
+    bf16 gets fp16."""
+    import maskrcnn.structures.precision as precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: True)
+    assert precision.fast_precision(cpu) == ("bf16", None)
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: False)
+    mode, why = precision.fast_precision(cpu)
+    assert mode == "float32" and "no bf16 instructions (avx512_bf16 or AMX)" in why and "emulated" in why
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: asked.append(
+        including_emulation) or supported)
+    for supported, expected in ((True, "bf16"), (False, "fp16")):
+        assert precision.fast_precision(cuda) == (expected, None)
+    assert asked == [False, False]  # emulated bf16 is no fast mode on a GPU either

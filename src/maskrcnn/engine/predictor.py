@@ -6,6 +6,7 @@ next to the model's labels, so predictions can be written straight into COCO res
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from maskrcnn.interop.checkpoint import CheckpointError
 from maskrcnn.modeling.build import build_model
 from maskrcnn.modeling.detector import MaskRCNN
 from maskrcnn.modeling.inference import prepare_for_inference
+from maskrcnn.structures.precision import fast_precision
 
 ImageLike = str | Path | Image.Image | np.ndarray | Tensor
 
@@ -77,8 +79,10 @@ class Predictor:
         runtime: ``"torch"`` (the default) runs a checkpoint, or an ExportedProgram (``.pt2``);
             ``"onnxruntime"`` or ``"openvino"`` (CPU) runs an ONNX file written by
             ``maskrcnn export`` (``maskrcnn.export.runtime``), with the same outputs.
-        fast: run the network's layers in bf16 (``model.precision=bf16``): several times faster on
-            a CPU with bf16 units (AMX, avx512_bf16) and on GPUs; geometry stays float32.
+        fast: run the network's layers in bf16 (``model.precision=bf16``; fp16 on a GPU without
+            bf16): several times faster on a CPU with bf16 units (AMX, avx512_bf16) and on GPUs;
+            geometry stays float32. A CPU without bf16 units would emulate it, hundreds of times
+            slower, so there the layers stay float32, with a warning that says so.
     """
 
     def __init__(self, checkpoint: str | Path, device: str = "auto", overrides: Sequence[str] = (),
@@ -86,14 +90,17 @@ class Predictor:
                  runtime: str | None = None, fast: bool = False) -> None:
         from maskrcnn.config import apply_overrides, get_config
 
+        self.device = resolve_device(device)
         if fast:
             if Path(checkpoint).suffix in (".onnx", ".pt2"):
                 raise ValueError(f"fast mode runs a checkpoint in bf16; {checkpoint} is an exported float32 graph")
-            overrides = [*overrides, "model.precision=bf16"]
+            precision, why_not = fast_precision(self.device)
+            if why_not:
+                warnings.warn(why_not, stacklevel=2)
+            overrides = [*overrides, f"model.precision={precision}"]
 
         if classes is not None and not isinstance(classes, ClassMap):
             classes = ClassMap.from_file(classes)
-        self.device = resolve_device(device)
         keep_freed_memory()  # no page faults for each new tensor (maskrcnn/_malloc.py)
         if Path(checkpoint).suffix in (".onnx", ".pt2"):
             self._load_exported(checkpoint, runtime, overrides, config, classes)
