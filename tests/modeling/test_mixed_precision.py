@@ -305,7 +305,7 @@ def test_bf16_on_a_cpu_without_bf16_units_warns_once(monkeypatch):
 
 def test_fast_mode_precision_is_what_the_hardware_runs(monkeypatch):
     """Fast mode is bf16 where bf16 is native; a CPU without bf16 units would emulate it (a 3x3 conv
-    took 180x its float32 time on an AMD Zen 3), so there it stays float32 and says why; a GPU without
+    took 180-320x its float32 time on an AMD Zen 3), so there it stays float32 and says why; a GPU without
     bf16 gets fp16."""
     import maskrcnn.structures.precision as precision
 

@@ -56,7 +56,7 @@ def fast_precision(device: torch.device) -> tuple[str, str | None]:
 
     bf16 where the hardware runs it: a CPU with bf16 units, or a GPU that has bf16 (fp16 on older
     GPUs). A CPU without them emulates bf16, and emulation is no fast mode: a 256-channel 3x3
-    convolution took 40 s in bf16 against 0.22 s in float32 on an AMD EPYC (Zen 3, AVX2), 2026-12-08;
+    convolution took 40-62 s in bf16 against 0.19-0.22 s in float32 on an AMD EPYC (Zen 3, AVX2), 2026-12-08;
     there fast mode stays float32 and the reason is returned for the caller to say.
     """
     if device.type == "cuda":

@@ -22,6 +22,14 @@ from maskrcnn.structures.boxes import BoxCoder, clip_boxes_to_image, nonempty
 from maskrcnn.structures.precision import to_geometry
 
 
+def fc1_as_conv_pays(device: torch.device) -> bool:
+    """Whether the first FC runs as a convolution: only on a CPU with AVX-512, where oneDNN's 7x7
+    kernel beat MKL's matrix product (AMD EPYC, R50-FPN, 1000 RoIs: 63 vs 152 ms); with AVX2 alone it
+    took 10x the matrix product's time (AMD EPYC Zen 3: 1.92 vs 0.18 s) and made a training step 1.5x
+    torchvision's. Elsewhere (other CPUs, GPUs) the FC stays a matrix product, as in torchvision."""
+    return device.type == "cpu" and torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
 class FastRCNNConvFCHead(nn.Module):
     """``num_conv`` 3x3 convs (+norm) and ``num_fc`` fully connected layers, all followed by ReLU.
 
@@ -55,7 +63,7 @@ class FastRCNNConvFCHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.convs(x)
         fcs = list(self.fcs)
-        if fcs and x.dim() == 4:
+        if fcs and x.dim() == 4 and fc1_as_conv_pays(x.device):
             # the first FC over the (C, R, R) pooled map is an RxR convolution without padding: oneDNN
             # reads the channels-last map in place (flatten would copy it into (C, R, R) order first)
             # at its convolution speed; MKL's float32 matrix product ran at ~40% of that on an AMD
@@ -65,7 +73,7 @@ class FastRCNNConvFCHead(nn.Module):
             weight = self.fc1_as_conv
             if weight is None or not weight.is_contiguous(memory_format=layout):
                 # the kernel in the map's layout, as cached: given another layout oneDNN takes another
-                # path, which rounds differently on some CPUs (AVX2: 2e-7 in the scores), and a prepared
+                # path, which can round differently (oneDNN's AVX2 kernels: 2e-7 in the scores), and a prepared
                 # model would no longer give exactly the outputs of the model it was made from
                 weight = fc.weight.view(fc.out_features, *x.shape[1:]).contiguous(memory_format=layout)
             x = F.relu(F.conv2d(x, weight, fc.bias).flatten(1))
@@ -77,8 +85,9 @@ class FastRCNNConvFCHead(nn.Module):
 
     def cache_fc1_as_conv(self, memory_format: torch.memory_format) -> None:
         """For inference: keep the first FC's weight as a convolution kernel in ``memory_format``, so
-        that it is not reordered at every call (the FC's own weight stays, for ``state_dict``)."""
-        if len(self.fcs):
+        that it is not reordered at every call (the FC's own weight stays, for ``state_dict``); only
+        where the convolution is used (``fc1_as_conv_pays``)."""
+        if len(self.fcs) and fc1_as_conv_pays(self.fcs[0].weight.device):
             fc, c = self.fcs[0], self.in_shape[0]
             kernel = fc.weight.detach().view(fc.out_features, c, *self.in_shape[1:]).contiguous(memory_format=memory_format)
             self.fc1_as_conv = kernel
