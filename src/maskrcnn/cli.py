@@ -13,7 +13,7 @@ from maskrcnn import __version__
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 FAST_HELP = ("fast mode: the network's layers in bf16 (--set model.precision=bf16), for a CPU with bf16 units "
              "(AMX or avx512_bf16) or a GPU; boxes, NMS and masks stay float32. A CPU without bf16 units "
-             "keeps float32 (emulated bf16 would be hundreds of times slower)")
+             "keeps float32 (emulated bf16 is up to hundreds of times slower)")
 RUNTIME_HELP = ("torch (default for checkpoints and .pt2), onnxruntime (default for .onnx) or openvino (.onnx, "
                 "CPU): --weights is then a file written by 'maskrcnn export'")
 CLASSES_HELP = ("the classes of the checkpoint: a COCO JSON (its categories: ids and names, labels by sorted id as "

@@ -81,7 +81,7 @@ class Predictor:
             ``maskrcnn export`` (``maskrcnn.export.runtime``), with the same outputs.
         fast: run the network's layers in bf16 (``model.precision=bf16``; fp16 on a GPU without
             bf16): several times faster on a CPU with bf16 units (AMX, avx512_bf16) and on GPUs;
-            geometry stays float32. A CPU without bf16 units would emulate it, hundreds of times
+            geometry stays float32. A CPU without bf16 units would emulate it, up to hundreds of times
             slower, so there the layers stay float32, with a warning that says so.
     """
 

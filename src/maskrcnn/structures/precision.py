@@ -63,7 +63,7 @@ def fast_precision(device: torch.device) -> tuple[str, str | None]:
         return ("bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"), None
     if device.type == "cpu" and not cpu_has_bf16_units():
         return "float32", ("fast mode: this CPU has no bf16 instructions (avx512_bf16 or AMX), where bf16 is emulated "
-                           "and hundreds of times slower; the layers stay float32 (exact mode)")
+                           "and up to hundreds of times slower; the layers stay float32 (exact mode)")
     return "bf16", None
 
 
@@ -72,7 +72,7 @@ def network_precision(device: torch.device, mode: str, setting: str) -> contextl
 
     ``setting`` names the config key in the messages. fp16 is refused on the CPU (training it needs
     gradient scaling, which the trainer does on CUDA only; bf16 is the CPU's low precision); bf16
-    on a CPU without bf16 units works but is emulated, hundreds of times slower than float32 in
+    on a CPU without bf16 units works but is emulated, up to hundreds of times slower than float32 in
     convolutions (see ``fast_precision``), and said so.
     """
     if mode in ("", "float32"):
@@ -90,4 +90,4 @@ def network_precision(device: torch.device, mode: str, setting: str) -> contextl
 @functools.cache  # once per process, not at every forward pass
 def _warn_emulated_bf16(setting: str) -> None:
     warnings.warn(f"{setting}=bf16: this CPU has no bf16 instructions (avx512_bf16 or AMX), so bf16 is emulated, "
-                  "hundreds of times slower than float32 in convolutions; use float32 here", stacklevel=4)
+                  "up to hundreds of times slower than float32 in large convolutions; use float32 here", stacklevel=4)
