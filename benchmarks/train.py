@@ -73,7 +73,6 @@ import maskrcnn
 from maskrcnn.interop.torchvision import load_torchvision_detection
 from maskrcnn.structures.precision import network_precision
 from maskrcnn._malloc import keep_freed_memory
-from maskrcnn.engine.trainer import training_layout
 args = json.loads(sys.argv[1])
 sys.path.insert(0, args["bench_dir"])
 from timing import peak_rss_mb
@@ -83,7 +82,6 @@ size = args["size"]
 cfg = maskrcnn.get_config("torchvision_maskrcnn_resnet50_fpn", [
     f"model.input.min_size_train=[{size}]", f"model.input.max_size_train={int(size * 1333 / 800)}"])
 model = load_torchvision_detection(maskrcnn.build_model(cfg), args["weights"]).train()
-training_layout(model, torch.device("cpu"))  # as train() does: NCHW on a CPU without AVX-512
 data = torch.load(args["data"])
 STEP_COUNT, IMAGES, TARGETS = args["steps"], data["images"], data["targets"]
 PRECISION = network_precision(torch.device("cpu"), args["amp"], "solver.amp")

@@ -282,7 +282,7 @@ def test_training_layout_is_nchw_on_cpus_without_avx512(monkeypatch, capability,
     torch.manual_seed(0)
     model = build_model(tiny_config())
     assert model.channels_last
-    trainer_mod.training_layout(model, torch.device("cpu"))
+    trainer_mod._training_layout(model, torch.device("cpu"))
     convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     layout = torch.channels_last if trains_channels_last else torch.contiguous_format
     assert model.channels_last == trains_channels_last and len(convs) > 10
@@ -293,4 +293,4 @@ def test_training_layout_is_nchw_on_cpus_without_avx512(monkeypatch, capability,
     assert inference.channels_last and all(torch.equal(a, b) for a, b in zip(
         inference.state_dict().values(), model.state_dict().values()))
     on_gpu = build_model(tiny_config())  # other devices keep channels-last (tensor cores like it)
-    assert trainer_mod.training_layout(on_gpu, torch.device("cuda")).channels_last
+    assert trainer_mod._training_layout(on_gpu, torch.device("cuda")).channels_last

@@ -250,7 +250,7 @@ class ModelConfig:
     keypoint_on: bool = False
     box_decode_float32: bool = False  # detectron2 decodes boxes in float32 even in float64 (matters only there)
     # NHWC feature maps: ~25% faster convolutions on CPU (oneDNN) and tensor cores; training on a CPU
-    # without AVX-512 runs NCHW all the same (trainer.training_layout: AVX2's backward is slower in NHWC)
+    # without AVX-512 runs NCHW all the same (trainer._training_layout: AVX2's backward is slower in NHWC)
     channels_last: bool = True
     # inference: the network's layers in bf16 (CPU with bf16 units, or GPU) or fp16 (GPU); box geometry,
     # NMS and mask pasting stay float32. Training's precision is solver.amp.

@@ -146,7 +146,7 @@ def apply_training_parts(model: nn.Module, cfg: Config, device: torch.device) ->
     return frozen
 
 
-def training_layout(model: nn.Module, device: torch.device) -> nn.Module:
+def _training_layout(model: nn.Module, device: torch.device) -> nn.Module:
     """NCHW feature maps for training on a CPU without AVX-512, channels-last elsewhere (as built).
 
     oneDNN's AVX2 convolution backward is slower on channels-last maps: R50-FPN, batch 2 of 512x682,
@@ -400,7 +400,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, overwrite: b
     val_set = build_val_dataset(cfg, paths, class_map)
 
     torch.manual_seed(derive_seed(cfg.train.seed))
-    model = training_layout(_sync_bn_for(build_model(cfg), info, device).to(device), device)
+    model = _training_layout(_sync_bn_for(build_model(cfg), info, device).to(device), device)
     start_iter = 0
     ckpt = last_checkpoint(out_dir) if resume else None
     if resume and ckpt is None and info.main:
