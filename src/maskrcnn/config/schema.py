@@ -249,9 +249,7 @@ class ModelConfig:
     mask_on: bool = True
     keypoint_on: bool = False
     box_decode_float32: bool = False  # detectron2 decodes boxes in float32 even in float64 (matters only there)
-    # NHWC feature maps: ~25% faster convolutions on CPU (oneDNN) and tensor cores; training on a CPU
-    # without AVX-512 runs NCHW all the same (trainer._training_layout: AVX2's backward is slower in NHWC)
-    channels_last: bool = True
+    channels_last: bool = True  # NHWC feature maps: ~25% faster convolutions on CPU (oneDNN) and tensor cores
     # inference: the network's layers in bf16 (CPU with bf16 units, or GPU) or fp16 (GPU); box geometry,
     # NMS and mask pasting stay float32. Training's precision is solver.amp.
     precision: str = _choice("float32", PRECISIONS, "precision of the network's layers at inference")
