@@ -270,27 +270,3 @@ def test_sync_bn_is_plain_batch_norm_in_one_process_and_refused_across_cpu_proce
     # on GPUs it stays synchronised (the device is only compared, nothing is moved)
     kept = _sync_bn_for(model(), DistInfo(rank=0, world_size=2), torch.device("cuda", 0))
     assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in kept.modules()) == syncs
-
-
-@pytest.mark.parametrize("capability, trains_channels_last", [("AVX512", True), ("AVX2", False), ("DEFAULT", False)])
-def test_training_layout_is_nchw_on_cpus_without_avx512(monkeypatch, capability, trains_channels_last):
-    """oneDNN's AVX2 convolution backward is slower on channels-last maps (R50 step: 11.8 vs 8.0 s of
-    it on an AMD Zen 3), so training on a CPU without AVX-512 runs NCHW; the checkpoint is the same."""
-    from tiny import tiny_config
-
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    torch.manual_seed(0)
-    model = build_model(tiny_config())
-    assert model.channels_last
-    trainer_mod._training_layout(model, torch.device("cpu"))
-    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    layout = torch.channels_last if trains_channels_last else torch.contiguous_format
-    assert model.channels_last == trains_channels_last and len(convs) > 10
-    assert all(w.is_contiguous(memory_format=layout) for w in convs)
-    # the layout is not part of the weights: a model built channels-last (as Predictor builds it) takes them
-    inference = build_model(tiny_config())
-    inference.load_state_dict(model.state_dict())
-    assert inference.channels_last and all(torch.equal(a, b) for a, b in zip(
-        inference.state_dict().values(), model.state_dict().values()))
-    on_gpu = build_model(tiny_config())  # other devices keep channels-last (tensor cores like it)
-    assert trainer_mod._training_layout(on_gpu, torch.device("cuda")).channels_last

@@ -146,20 +146,6 @@ def apply_training_parts(model: nn.Module, cfg: Config, device: torch.device) ->
     return frozen
 
 
-def _training_layout(model: nn.Module, device: torch.device) -> nn.Module:
-    """NCHW feature maps for training on a CPU without AVX-512, channels-last elsewhere (as built).
-
-    oneDNN's AVX2 convolution backward is slower on channels-last maps: R50-FPN, batch 2 of 512x682,
-    AMD EPYC Zen 3, 2026-12-08: the step's convolution backward 11.8 s channels-last against 8.0 s
-    NCHW, the forward 3.0 against 3.7 s (profiled beside another job: ratios only). Inference keeps
-    channels-last, where it is the faster layout; the checkpoint does not depend on the layout.
-    """
-    if model.channels_last and device.type == "cpu" and torch.backends.cpu.get_cpu_capability() != "AVX512":
-        model.channels_last = False
-        model.to(memory_format=torch.contiguous_format)
-    return model
-
-
 def _sync_bn_for(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
     """SyncBatchNorm needs a process group; with one process it is plain batch norm. Across processes
     torch synchronises it on GPUs only (on CPUs its forward raises deep in the first step)."""
@@ -400,7 +386,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, overwrite: b
     val_set = build_val_dataset(cfg, paths, class_map)
 
     torch.manual_seed(derive_seed(cfg.train.seed))
-    model = _training_layout(_sync_bn_for(build_model(cfg), info, device).to(device), device)
+    model = _sync_bn_for(build_model(cfg), info, device).to(device)
     start_iter = 0
     ckpt = last_checkpoint(out_dir) if resume else None
     if resume and ckpt is None and info.main:
